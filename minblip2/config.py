@@ -35,6 +35,8 @@ class QFormerConfig:
     vision_width: int = 384  # width of the image tokens the queries cross-attend to
     embed_dim: int = 256  # ITC projection width
     vocab_size: int = 30523  # BERT's 30522 + the [DEC] token
+    pad_token_id: int = 0  # BERT's [PAD]
+    dec_token_id: int = 30522  # [DEC]: replaces [CLS] as the first token for ITG (text generation)
     max_position_embeddings: int = 512
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
@@ -86,6 +88,8 @@ class Stage1Config(TrainConfig):
     init_temp: float = 0.07
     clamp_temp: bool = False  # LAVIS never clamps; ALBEF/BLIP clamp to [0.001, 0.5]
     itm_rerank_k: int = 128  # retrieval: ITM re-ranks the ITC top-k
+    itc_gather_grad: bool = True  # gradients through gathered ITC features (= one big batch); LAVIS: False
+    itg_reuse_queries: bool = True  # ITG reuses the queries' keys/values from the ITC pass (as LAVIS does)
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG.
+
+They work on a batch that may be split across processes: similarities are computed against the
+features of the GLOBAL batch (gathered from every process), so in-batch negatives grow with the number
+of GPUs. In one process the gathers are no-ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import dist
+
+
+def itc_similarities(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """Image-text similarity = the MAX over queries of query . text.
+
+    image_feats (Bi, Q, E) and text_feats (Bt, E), both L2-normalised -> (Bi, Bt) cosine similarities.
+    The max lets each text pick the query that describes it best.
+    """
+    return torch.einsum("iqe,te->iqt", image_feats, text_feats).amax(dim=1)
+
+
+def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather_grad: bool = True):
+    """Image-text contrastive loss, both directions, against the global batch.
+
+    image_feats (B, Q, E), text_feats (B, E): this process's normalised features.
+    temp: the (learnable) temperature; logits are similarities DIVIDED by it.
+    Returns (loss, sim_i2t (B, W*B), sim_t2i (B, W*B)), the logits of this process's rows.
+    """
+    gather = dist.all_gather_with_grad if gather_grad else dist.all_gather_no_grad
+    image_all, text_all = gather(image_feats), gather(text_feats)  # (W*B, Q, E), (W*B, E)
+    sim_i2t = itc_similarities(image_feats, text_all) / temp  # (B, W*B)
+    sim_t2i = itc_similarities(image_all, text_feats).t() / temp  # (B, W*B)
+    B = image_feats.shape[0]
+    targets = torch.arange(B, device=image_feats.device) + dist.rank() * B  # the positives sit on the "diagonal"
+    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, generator=None):
+    """For each pair, sample one hard-negative text and one hard-negative image.
+
+    Negatives are drawn from softmax(similarity) over the global batch, so texts/images the model finds
+    confusingly similar are picked more often. The positive (the diagonal) is never drawn; with image ids,
+    no other caption of the same image is drawn either (those are positives too, not negatives).
+    sim_i2t, sim_t2i: (B, W*B) logits. Returns (neg_text_idx (B,), neg_image_idx (B,)) into the global batch.
+    """
+    B, N = sim_i2t.shape
+    offset = dist.rank() * B
+    positive = torch.zeros(B, N, dtype=torch.bool, device=sim_i2t.device)
+    positive[torch.arange(B), torch.arange(B) + offset] = True
+    if image_ids is not None:
+        positive |= image_ids.view(-1, 1) == image_ids_all.view(1, -1)
+    if positive.all(dim=1).any():
+        raise ValueError(
+            "ITM needs a negative for every pair, but some pair has none: the global batch holds "
+            f"{N} pair(s), all of the same image. Use a batch size of at least 2 with different images "
+            "(or train without ITM: losses=('itc','itg')).")
+    weights_i2t = F.softmax(sim_i2t.float().masked_fill(positive, float("-inf")), dim=1)
+    weights_t2i = F.softmax(sim_t2i.float().masked_fill(positive, float("-inf")), dim=1)
+    neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    return neg_text, neg_image
+
+
+def itm_loss(itm_logits: torch.Tensor, num_pos: int) -> torch.Tensor:
+    """ITM: a 2-way classification. itm_logits (3B, 2) for [positives | (neg image, text) | (image, neg text)]."""
+    labels = torch.zeros(itm_logits.shape[0], dtype=torch.long, device=itm_logits.device)
+    labels[:num_pos] = 1
+    return F.cross_entropy(itm_logits, labels)
+
+
+def itg_loss(logits, input_ids, text_mask, label_smoothing: float = 0.0):
+    """Image-grounded text generation: predict token t+1 from tokens <= t (and the queries).
+
+    logits (B, T, V) at every text position, input_ids/text_mask (B, T). Pads are not predicted.
+    """
+    labels = input_ids.masked_fill(text_mask == 0, -100)[:, 1:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100, label_smoothing=label_smoothing)

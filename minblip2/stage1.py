@@ -1,0 +1,136 @@
+"""Stage 1: the Q-Former learns to pull language-relevant features out of a FROZEN image encoder.
+
+    frozen image tokens (B, N, Dv) -> ln_vision -> Q-Former queries -> vision_proj -> (B, Q, E)  -\
+    caption tokens (B, T)         ->             Q-Former text    -> text_proj   -> (B, E)     --> ITC
+    queries + caption, bidirectional mask -> itm_head on each query, averaged  -> (3B, 2)           ITM
+    [DEC] + caption, multimodal causal mask -> lm_head                         -> (B, T, vocab)     ITG
+
+The model takes image TOKENS, not pixels: the frozen encoder runs outside it (see train.py), so its
+features can be computed once and cached.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dist, losses, masks
+from .config import QFormerConfig, Stage1Config
+from .qformer import QFormer, init_bert_weights
+
+
+class LMHead(nn.Module):
+    """BERT's masked-LM head reused for generation: dense -> GELU -> LayerNorm -> tied decoder + bias."""
+
+    def __init__(self, cfg: QFormerConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.word_embeddings = word_embeddings  # tied: the decoder weight IS the input embedding
+
+    def forward(self, h):
+        return F.linear(self.norm(F.gelu(self.dense(h))), self.word_embeddings.weight, self.bias)
+
+
+class Stage1Model(nn.Module):
+    def __init__(self, qcfg: QFormerConfig, scfg: Stage1Config | None = None):
+        super().__init__()
+        scfg = scfg or Stage1Config()
+        self.qcfg, self.scfg = qcfg, scfg
+        self.ln_vision = nn.LayerNorm(qcfg.vision_width)  # trained; normalises the frozen encoder's tokens
+        self.qformer = QFormer(qcfg)
+        self.vision_proj = nn.Linear(qcfg.hidden_size, qcfg.embed_dim)
+        self.text_proj = nn.Linear(qcfg.hidden_size, qcfg.embed_dim)
+        self.itm_head = nn.Linear(qcfg.hidden_size, 2)
+        self.lm_head = LMHead(qcfg, self.qformer.word_embeddings)
+        for m in (self.vision_proj, self.text_proj, self.itm_head, self.lm_head.dense, self.lm_head.norm):
+            init_bert_weights(m)
+        self.temp = nn.Parameter(torch.tensor(scfg.init_temp))
+
+    # ------------------------------------------------------------------ the pieces retrieval also uses
+
+    def encode_image(self, image_embeds):
+        """Frozen image tokens (B, N, Dv) -> (normalised ITC features (B, Q, E), query outputs (B, Q, H))."""
+        q = self.qformer(self.ln_vision(image_embeds))
+        return F.normalize(self.vision_proj(q), dim=-1), q
+
+    def encode_text(self, input_ids, text_mask):
+        """Caption tokens (B, T) -> normalised ITC feature of [CLS] (B, E). Text alone = the unimodal mask."""
+        h = self.qformer(input_ids=input_ids, text_mask=text_mask)
+        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds, input_ids, text_mask, ln_done: bool = False):
+        """Queries + text under the bidirectional mask -> (B, 2) match/no-match logits, averaged over queries."""
+        img = image_embeds if ln_done else self.ln_vision(image_embeds)
+        Q, T = self.qcfg.num_queries, input_ids.shape[1]
+        h = self.qformer(img, input_ids, text_mask, mask=masks.bidirectional_mask(Q, T, device=input_ids.device))
+        return self.itm_head(h[:, :Q]).mean(dim=1)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, image_embeds, input_ids, text_mask, image_ids=None, generator=None):
+        """image_embeds (B, N, Dv) frozen tokens, input_ids/text_mask (B, T) starting with [CLS].
+
+        Returns a dict with `loss` (the sum of the enabled losses) and each loss detached for logging.
+        """
+        use = set(self.scfg.losses)
+        Q, T = self.qcfg.num_queries, input_ids.shape[1]
+        img = self.ln_vision(image_embeds)
+        out = {}
+
+        # ITC: queries and text in one pass under the unimodal mask (same as two separate passes)
+        h, cache = self.qformer(img, input_ids, text_mask, mask=masks.unimodal_mask(Q, T, device=img.device),
+                                return_cache=True)
+        image_feats = F.normalize(self.vision_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
+        text_feats = F.normalize(self.text_proj(h[:, Q]), dim=-1)  # (B, E): the [CLS] token
+        if self.scfg.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp,
+                                                      self.scfg.label_smoothing, self.scfg.itc_gather_grad)
+        total = 0.0
+        if "itc" in use:
+            total = total + loss_itc
+        out["loss_itc"] = loss_itc.detach()
+
+        if "itm" in use:
+            ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
+            neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
+            img_all = dist.all_gather_with_grad(img)  # gradients reach the negatives' ln_vision too
+            ids, tmask, ids_all, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
+            itm_ids = torch.cat([ids, ids, ids_all[neg_text]], dim=0)
+            itm_mask = torch.cat([tmask, tmask, tmask_all[neg_text]], dim=0)
+            itm_img = torch.cat([img, img_all[neg_image], img], dim=0)  # 3B: pos | (neg image, text) | (image, neg text)
+            logits = self.itm_logits(itm_img, itm_ids, itm_mask, ln_done=True)
+            loss_itm = losses.itm_loss(logits, num_pos=input_ids.shape[0])
+            total = total + loss_itm
+            out["loss_itm"] = loss_itm.detach()
+
+        if "itg" in use:
+            dec_ids = input_ids.clone()
+            dec_ids[:, 0] = self.qcfg.dec_token_id  # [DEC] tells the Q-Former to generate
+            causal = masks.multimodal_causal_mask(Q, T, device=img.device)
+            if self.scfg.itg_reuse_queries:  # queries never see text under this mask: reuse their keys/values
+                query_cache = [(k[:, :, :Q], v[:, :, :Q]) for k, v in cache]
+                h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, mask=causal, query_cache=query_cache)
+            else:
+                h_text = self.qformer(img, dec_ids, text_mask, mask=causal)[:, Q:]
+            loss_itg = losses.itg_loss(self.lm_head(h_text), dec_ids, text_mask, self.scfg.label_smoothing)
+            total = total + loss_itg
+            out["loss_itg"] = loss_itg.detach()
+
+        out["loss"] = total
+        return out
+
+
+def _gather_padded(input_ids, text_mask, pad_id):
+    """Gather token ids from every process, padded to the world's longest length (local ones padded too)."""
+    if dist.world_size() == 1:
+        return input_ids, text_mask, input_ids, text_mask
+    T = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    torch.distributed.all_reduce(T, op=torch.distributed.ReduceOp.MAX)
+    pad = int(T.item()) - input_ids.shape[1]
+    input_ids = F.pad(input_ids, (0, pad), value=pad_id)
+    text_mask = F.pad(text_mask, (0, pad), value=0)
+    return input_ids, text_mask, dist.all_gather_no_grad(input_ids), dist.all_gather_no_grad(text_mask)

@@ -1,0 +1,194 @@
+"""The Q-Former and stage-1 model: parity with transformers' BLIP-2, masks, and parameter counts."""
+import pytest
+import torch
+from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Blip2ForImageTextRetrieval
+
+from minblip2 import masks
+from minblip2.config import QFormerConfig, Stage1Config, paper
+from minblip2.convert import load_hf_qformer, load_hf_retrieval
+from minblip2.qformer import QFormer
+from minblip2.stage1 import Stage1Model
+
+TINY = dict(hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64, num_queries=6,
+            cross_attention_freq=2, vision_width=24, embed_dim=16, vocab_size=100, max_position_embeddings=40,
+            dec_token_id=99)
+
+
+def tiny_hf_qformer_config(text_ffn=True):
+    return Blip2QFormerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                              intermediate_size=64, cross_attention_frequency=2, encoder_hidden_size=24,
+                              max_position_embeddings=40, use_qformer_text_input=text_ffn)
+
+
+def test_qformer_matches_transformers_blip2_qformer():
+    torch.manual_seed(0)
+    hf = Blip2QFormerModel(tiny_hf_qformer_config(text_ffn=False)).eval()
+    ours = QFormer(QFormerConfig(**TINY)).eval()
+    state = {f"qformer.{k}": v for k, v in hf.state_dict().items()}
+    state["query_tokens"] = torch.randn(1, 6, 32)
+    missing = load_hf_qformer(ours, state, embeddings_prefix=None, text_ffn=False)
+    assert all(k.startswith(("word_", "position_")) or ".text_ffn." in k for k in missing), missing
+    image = torch.randn(3, 11, 24)
+    ref = hf(query_embeds=state["query_tokens"].expand(3, -1, -1), encoder_hidden_states=image).last_hidden_state
+    got = ours(image)
+    assert got.shape == (3, 6, 32)
+    assert (got - ref).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def retrieval_pair():
+    torch.manual_seed(0)
+    from transformers import Blip2VisionConfig
+    cfg = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=8).to_dict(),
+        qformer_config=tiny_hf_qformer_config(text_ffn=True).to_dict(), num_query_tokens=6,
+        image_text_hidden_size=16)
+    hf = Blip2ForImageTextRetrieval(cfg).eval()
+    with torch.no_grad():  # HF inits query tokens to zeros and some norms to identity: make them non-trivial
+        for n, p in hf.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = Stage1Model(QFormerConfig(**TINY), Stage1Config()).eval()
+    load_hf_retrieval(ours, hf.state_dict())
+    return hf, ours
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(4, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 99, (4, 7), generator=g)
+    ids[:, 0] = 1
+    att = torch.ones(4, 7, dtype=torch.long)
+    att[1, 5:] = 0
+    att[3, 3:] = 0
+    ids[att == 0] = 0
+    return pixels, ids, att
+
+
+def _raw_image_tokens(hf, pixels):
+    """The vision tower's tokens BEFORE post_layernorm (minblip2 applies that norm as ln_vision)."""
+    out = hf.vision_model(pixel_values=pixels, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def test_itm_logits_match_transformers(retrieval_pair):
+    hf, ours = retrieval_pair
+    pixels, ids, att = _inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, input_ids=ids, attention_mask=att, use_image_text_matching_head=True)
+        got = ours.itm_logits(_raw_image_tokens(hf, pixels), ids, att)
+    assert got.shape == (4, 2)
+    assert (got - ref.logits_per_image).abs().max() <= 1e-5
+
+
+def test_itc_scores_match_transformers(retrieval_pair):
+    hf, ours = retrieval_pair
+    pixels, ids, att = _inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, input_ids=ids, attention_mask=att, use_image_text_matching_head=False)
+        img_feats, _ = ours.encode_image(_raw_image_tokens(hf, pixels))
+        txt_feats = ours.encode_text(ids, att)
+    from minblip2.losses import itc_similarities
+    got = itc_similarities(img_feats, txt_feats)  # (images, texts)
+    assert (img_feats - ref.image_embeds).abs().max() <= 1e-5
+    assert (txt_feats - ref.text_embeds).abs().max() <= 1e-5
+    assert (got - ref.logits_per_image).abs().max() <= 1e-5
+
+
+def test_joint_unimodal_pass_equals_separate_passes():
+    torch.manual_seed(0)
+    m = Stage1Model(QFormerConfig(**TINY)).eval()
+    img = torch.randn(3, 9, 24)
+    ids = torch.randint(5, 99, (3, 8))
+    att = torch.ones(3, 8, dtype=torch.long)
+    att[0, 6:] = 0
+    with torch.no_grad():
+        joint = m.qformer(m.ln_vision(img), ids, att, mask=masks.unimodal_mask(6, 8))
+        q_alone = m.qformer(m.ln_vision(img))
+        t_alone = m.qformer(input_ids=ids, text_mask=att)
+    assert torch.allclose(joint[:, :6], q_alone, atol=1e-5)
+    assert torch.allclose(joint[:, 6:][att.bool()], t_alone[att.bool()], atol=1e-5)
+
+
+def _itg_logits(m, img, ids, att, reuse):
+    m.scfg.itg_reuse_queries = reuse
+    Q, T = m.qcfg.num_queries, ids.shape[1]
+    x = m.ln_vision(img)
+    causal = masks.multimodal_causal_mask(Q, T)
+    if reuse:
+        _, cache = m.qformer(x, return_cache=True)
+        h = m.qformer(input_ids=ids, text_mask=att, mask=causal, query_cache=cache)
+    else:
+        h = m.qformer(x, ids, att, mask=causal)[:, Q:]
+    return m.lm_head(h)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_itg_is_causal(reuse):
+    torch.manual_seed(0)
+    m = Stage1Model(QFormerConfig(**TINY)).eval()
+    img = torch.randn(2, 9, 24)
+    ids = torch.randint(5, 99, (2, 8))
+    att = torch.ones(2, 8, dtype=torch.long)
+    ids2 = ids.clone()
+    ids2[:, 5] = (ids[:, 5] + 7) % 90 + 5  # change a later token
+    with torch.no_grad():
+        a, b = _itg_logits(m, img, ids, att, reuse), _itg_logits(m, img, ids2, att, reuse)
+    assert torch.equal(a[:, :5], b[:, :5]) or (a[:, :5] - b[:, :5]).abs().max() < 1e-6
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-4  # ...and the change is visible from there on
+
+
+def test_itg_query_cache_equals_full_recompute():
+    torch.manual_seed(0)
+    m = Stage1Model(QFormerConfig(**TINY)).eval()
+    img = torch.randn(2, 9, 24)
+    ids = torch.randint(5, 99, (2, 8))
+    att = torch.ones(2, 8, dtype=torch.long)
+    att[1, 6:] = 0
+    with torch.no_grad():
+        a, b = _itg_logits(m, img, ids, att, True), _itg_logits(m, img, ids, att, False)
+    assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mask_fn", [masks.unimodal_mask, masks.multimodal_causal_mask])
+def test_queries_never_attend_to_text(mask_fn):
+    torch.manual_seed(0)
+    m = Stage1Model(QFormerConfig(**TINY)).eval()
+    img = torch.randn(2, 9, 24)
+    ids = torch.randint(5, 99, (2, 8))
+    with torch.no_grad():
+        a = m.qformer(img, ids, None, mask=mask_fn(6, 8))[:, :6]
+        b = m.qformer(img, torch.randint(5, 99, (2, 8)), None, mask=mask_fn(6, 8))[:, :6]
+        c = m.qformer(img, ids, None, mask=masks.bidirectional_mask(6, 8))[:, :6]
+        d = m.qformer(img, torch.randint(5, 99, (2, 8)), None, mask=masks.bidirectional_mask(6, 8))[:, :6]
+    assert (a - b).abs().max() < 1e-6  # the queries cannot see the text...
+    assert (c - d).abs().max() > 1e-4  # ...which they do under ITM's bidirectional mask
+
+
+def test_mask_shapes_and_counts():
+    Q, T = 4, 3
+    u, b, c = masks.unimodal_mask(Q, T), masks.bidirectional_mask(Q, T), masks.multimodal_causal_mask(Q, T)
+    assert u.shape == b.shape == c.shape == (7, 7)
+    assert u.sum() == Q * Q + T * T and b.sum() == 49 and c.sum() == Q * Q + T * Q + T * (T + 1) // 2
+
+
+def test_paper_scale_stage1_has_188M_trainable_params():
+    cfg = paper()
+    with torch.device("meta"):  # shapes only: no memory is allocated
+        m = Stage1Model(cfg.qformer, cfg.stage1)
+    n = sum(p.numel() for p in m.parameters())  # tied LM decoder counted once by .parameters()
+    assert 185e6 < n < 191e6, n
+
+
+def test_batch_size_one_forward_without_itm():
+    torch.manual_seed(0)
+    m = Stage1Model(QFormerConfig(**TINY), Stage1Config(losses=("itc", "itg")))
+    out = m(torch.randn(1, 9, 24), torch.randint(5, 99, (1, 8)), torch.ones(1, 8, dtype=torch.long))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+
+
+def test_itm_with_batch_size_one_explains_itself():
+    m = Stage1Model(QFormerConfig(**TINY))
+    with pytest.raises(ValueError, match="ITM needs a negative"):
+        m(torch.randn(1, 9, 24), torch.randint(5, 99, (1, 8)), torch.ones(1, 8, dtype=torch.long))
