@@ -72,13 +72,13 @@ class FeedForward(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    def __init__(self, cfg: QFormerConfig, has_cross_attention: bool):
+    def __init__(self, cfg: QFormerConfig, has_cross_attention: bool, with_text: bool = True):
         super().__init__()
         H, p, eps = cfg.hidden_size, cfg.dropout, cfg.layer_norm_eps
         self.self_attn = Attention(H, cfg.num_heads, H, p, eps)
         self.cross_attn = Attention(H, cfg.num_heads, cfg.vision_width, p, eps) if has_cross_attention else None
         self.query_ffn = FeedForward(H, cfg.intermediate_size, p, eps)
-        self.text_ffn = FeedForward(H, cfg.intermediate_size, p, eps)
+        self.text_ffn = FeedForward(H, cfg.intermediate_size, p, eps) if with_text else None
 
     def forward(self, x, mask, num_queries: int, image_embeds=None, prefix_kv=None):
         """x (B, Q+T, H) with the first `num_queries` rows the queries (0 if they are cached in prefix_kv)."""
@@ -95,17 +95,21 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    def __init__(self, cfg: QFormerConfig):
+    """with_text=False builds only the query path (stage 2 needs no text embeddings or text FFNs)."""
+
+    def __init__(self, cfg: QFormerConfig, with_text: bool = True):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, H))
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, H, padding_idx=0)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H)  # text only: queries have none
+        if with_text:
+            self.word_embeddings = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id)
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H)  # text only: queries have none
         self.embed_norm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)  # shared by queries and text
         self.embed_drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
-            QFormerLayer(cfg, has_cross_attention=(i % cfg.cross_attention_freq == 0)) for i in range(cfg.num_layers)
+            QFormerLayer(cfg, has_cross_attention=(i % cfg.cross_attention_freq == 0), with_text=with_text)
+            for i in range(cfg.num_layers)
         )
         self.apply(init_bert_weights)
         nn.init.normal_(self.query_tokens, std=0.02)
