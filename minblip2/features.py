@@ -1,0 +1,66 @@
+"""Compute the frozen image encoder's tokens once and cache them on disk.
+
+The image encoder is frozen, so without augmentation its output for an image never changes: computing
+it once instead of every epoch is the biggest saving on a CPU (the ViT forward costs more than the whole
+Q-Former step). The price: no random crops/flips during training. `TrainConfig.cache_features=False`
+keeps the augmented path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import dist
+from .config import VisionConfig, default_cache_dir
+from .data import ImageDataset, eval_transform
+
+
+def cache_key(vcfg: VisionConfig, image_paths: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(f"{vcfg.name}|{vcfg.weights}|{vcfg.img_size}|{vcfg.drop_last_block}".encode())
+    for p in image_paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_images(encoder, image_paths: list[str], batch_size: int = 32, device="cpu", amp: str = "none",
+                  progress: bool = True) -> torch.Tensor:
+    """Run the frozen encoder over images (eval transform) -> (N, tokens, width) float16 on the CPU.
+
+    Every image must be readable (a bad one raises BadImageError naming the file): rows must stay
+    aligned with `image_paths`."""
+    ds = ImageDataset(image_paths, eval_transform(encoder.img_size, encoder.mean, encoder.std))
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_stack)
+    out = []
+    use_amp = amp in ("bf16", "fp16")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    for images in tqdm(dl, desc="image features", disable=not (progress and dist.is_master())):
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=use_amp):
+            out.append(encoder(images.to(device)).float().half().cpu())
+    return torch.cat(out)
+
+
+def _stack(batch):
+    return torch.stack([b["image"] for b in batch])
+
+
+def cached_features(encoder, vcfg: VisionConfig, image_paths: list[str], cache_dir=None, **kw) -> torch.Tensor:
+    """Features for `image_paths` from the cache, computing (on rank 0) and saving them atomically if absent."""
+    cache_dir = Path(cache_dir or default_cache_dir()) / "features"
+    path = cache_dir / f"{vcfg.name}-{vcfg.img_size}-{cache_key(vcfg, image_paths)}.safetensors"
+    if not path.exists() and dist.is_master():
+        feats = encode_images(encoder, image_paths, **kw)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"features": feats.contiguous()}, str(tmp))
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+    dist.barrier()
+    return load_file(str(path))["features"]

@@ -1,0 +1,125 @@
+"""What each stage trains: its model, its data (image tokens + captions) and how a batch becomes a loss.
+
+The training loop (train.py) is the same for both stages; this file holds the difference.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbones import load_bert, load_image_encoder, load_llm
+from .config import Config
+from .data import load_coco, load_image, tokenize, train_transform
+from .features import cached_features
+from .qformer import load_bert_weights
+from .stage1 import Stage1Model
+
+
+@dataclass
+class ImageTextData:
+    """The training pairs of a split: one row per caption, image tokens looked up (or computed) per batch."""
+
+    captions: list[str]
+    image_ids: torch.Tensor  # (num_captions,)
+    image_paths: list[str]  # unique images
+    row_of_caption: torch.Tensor  # caption i -> its image's row in image_paths / features
+    encoder: torch.nn.Module
+    features: torch.Tensor | None = None  # (num_images, N, D) float16 when cached
+    transform: object = None  # augmentation for the uncached path
+    skip_bad: bool = False
+
+    @classmethod
+    def build(cls, cfg: Config, split: str, cache: bool, device) -> "ImageTextData":
+        recs = load_coco(cfg.data.root, split, per="caption")
+        paths = list(dict.fromkeys(recs["image_path"]))
+        row = {p: i for i, p in enumerate(paths)}
+        encoder = load_image_encoder(cfg.vision).to(device)
+        data = cls(list(recs["caption"]), torch.tensor(recs["image_id"]), paths,
+                   torch.tensor([row[p] for p in recs["image_path"]]), encoder, skip_bad=cfg.data.skip_bad_images)
+        if cache:
+            data.features = cached_features(encoder, cfg.vision, paths, device=device,
+                                            amp="bf16" if device.type == "cpu" else "fp16")
+        else:
+            data.transform = train_transform(encoder.img_size, encoder.mean, encoder.std)
+        return data
+
+    def __len__(self):
+        return len(self.captions)
+
+    def batch(self, idx: torch.Tensor, device):
+        """(image tokens (B, N, D) float32, captions, image ids) for caption indices `idx`."""
+        rows = self.row_of_caption[idx]
+        if self.features is not None:
+            emb = self.features[rows].to(device).float()
+        else:  # augment and encode now; the encoder is frozen, so no graph is kept
+            imgs = [load_image(self.image_paths[r], skip_bad=self.skip_bad) for r in rows.tolist()]
+            keep = [i for i, im in enumerate(imgs) if im is not None]
+            if len(keep) < len(imgs):
+                print(f"skipped {len(imgs) - len(keep)} unreadable image(s) in this batch")
+            idx = idx[keep]
+            with torch.no_grad():
+                emb = self.encoder(torch.stack([self.transform(imgs[i]) for i in keep]).to(device))
+        return emb, [self.captions[i] for i in idx.tolist()], self.image_ids[idx].to(device)
+
+
+@dataclass
+class StageTask:
+    model: torch.nn.Module
+    data: ImageTextData
+    tokenizer: object = None  # stage 1: the Q-Former's BERT tokenizer
+    max_text_len: int = 32
+    has_unused_parameters: bool = False
+    stage: int = 1
+
+    @property
+    def num_samples(self):
+        return len(self.data)
+
+    def loss(self, model, idx, device) -> dict:
+        emb, caps, ids = self.data.batch(idx, device)
+        if self.stage == 1:
+            tok = tokenize(self.tokenizer, caps, self.max_text_len)
+            return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids)
+        return model(emb, caps)
+
+
+def build_stage1_model(cfg: Config):
+    """A Stage1Model with its Q-Former initialised from BERT, and the BERT tokenizer (+ [DEC])."""
+    model = Stage1Model(cfg.qformer, cfg.stage1)
+    bert_state, tokenizer = load_bert(cfg.qformer)
+    if bert_state is not None:
+        load_bert_weights(model.qformer, bert_state)
+    return model, tokenizer
+
+
+def build_stage2_model(cfg: Config, stage1_dir: str | Path | None = None):
+    """A Stage2Model on the frozen LLM; its Q-Former comes from the stage-1 run (unless from_stage1=False)."""
+    from .stage2 import Stage2Model
+    from .train import latest_checkpoint
+    from safetensors.torch import load_file
+
+    llm, tokenizer = load_llm(cfg.llm)
+    model = Stage2Model(cfg.qformer, llm, tokenizer, prompt=cfg.llm.prompt, max_text_len=cfg.data.max_text_len)
+    if cfg.stage2.from_stage1:
+        stage1_dir = Path(stage1_dir or os.environ.get("MINBLIP2_STAGE1") or Path(cfg.out_dir) / "stage1")
+        ckpt = latest_checkpoint(stage1_dir / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"stage 2 starts from a stage-1 checkpoint, but {stage1_dir}/checkpoints has none. Train stage 1 "
+                f"first (python -m minblip2.train --stage 1), pass --init_from=RUN/stage1, or train from a random "
+                f"Q-Former with --stage2.from_stage1=False")
+        model.from_stage1(load_file(str(ckpt / "model.safetensors")))
+    return model
+
+
+def build_task(cfg: Config, stage: int, device, stage1_dir=None) -> StageTask:
+    t = cfg.stage1 if stage == 1 else cfg.stage2
+    data = ImageTextData.build(cfg, "train", t.cache_features, device)
+    if stage == 1:
+        model, tokenizer = build_stage1_model(cfg)
+        unused = set(cfg.stage1.losses) != {"itc", "itm", "itg"}
+        return StageTask(model, data, tokenizer, cfg.data.max_text_len, unused, stage=1)
+    return StageTask(build_stage2_model(cfg, stage1_dir), data, stage=2)

@@ -1,0 +1,321 @@
+"""Train stage 1 (Q-Former, frozen image encoder) or stage 2 (Q-Former -> frozen LLM) with the same loop.
+
+On a laptop:      python -m minblip2.train --stage 1 --preset cpu
+On 8 GPUs:        torchrun --standalone --nproc_per_node=8 -m minblip2.train --stage 1 --preset paper
+Any field:        ... --stage1.lr=3e-4 --qformer.num_queries=32 --out_dir=runs/mine
+
+The recipe is BLIP-2's: AdamW (0.9, 0.98), weight decay 0.05 on matrices, linear warmup then cosine
+decay, gradient clipping, optional bf16/fp16 autocast. Checkpoints hold the trainable weights
+(safetensors) plus optimizer, scaler, step and RNG state, written atomically; a run resumes from its
+latest checkpoint and continues exactly as if never interrupted (same batches, same dropout).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import dist
+from .config import Config, TrainConfig, apply_overrides, get_preset
+
+
+# ----------------------------------------------------------------------------- schedule and optimiser
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup from 0 to t.lr over warmup_steps, then cosine decay to t.min_lr at max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and scalars (the temperature) -- LAVIS's rule: ndim < 2."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "norm" not in n)]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available() and all(p.is_cuda for _, p in params)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), fused=fused or None)
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> torch.Tensor:
+    """The global batch of `step`: epoch e shuffles 0..n-1 with seed+e and takes consecutive slices.
+
+    A pure function of (seed, step): resuming at any step sees exactly the batches it would have seen,
+    and splitting the global batch into per-process slices (see `local_slice`) gives DDP the same data
+    as one process with the whole batch. The last partial batch of an epoch is dropped.
+    """
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({n} samples)")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[i * global_batch:(i + 1) * global_batch]
+
+
+def local_slice(idx: torch.Tensor) -> torch.Tensor:
+    b = len(idx) // dist.world_size()
+    return idx[dist.rank() * b:(dist.rank() + 1) * b]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable weights only (the frozen encoder/LLM are never saved); tied weights once."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], source: str = "checkpoint"):
+    """Load weights saved by `trainable_state`, with an error that names every mismatch."""
+    own = dict(getattr(model, "module", model).named_parameters())
+    want = {n for n, p in own.items() if p.requires_grad}
+    problems = [f"missing {k}" for k in sorted(want - set(state))]
+    problems += [f"unexpected {k}" for k in sorted(set(state) - set(own))]
+    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise ValueError(f"{source} does not fit this model (was it written with another config? compare its "
+                         f"config.json with yours): " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scaler, cfg: Config, keep: int = 2) -> Path:
+    """Write ckpt-<step>/ into a temp dir, rename it into place, then point `latest` at it (both atomic).
+
+    A crash at any moment leaves `latest` naming a complete checkpoint: a half-written one is never read.
+    """
+    final = ckpt_root / f"ckpt-{step:07d}"
+    tmp = ckpt_root / f".tmp-ckpt-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state()},
+               tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _atomic_write(ckpt_root / "latest", final.name)
+    for old in sorted(ckpt_root.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    ptr = ckpt_root / "latest"
+    if not ptr.exists():
+        return None
+    path = ckpt_root / ptr.read_text().strip()
+    return path if (path / "state.pt").exists() else None
+
+
+def load_checkpoint(path: Path, model, optimizer=None, scaler=None) -> int:
+    """Restore weights (+ optimizer, scaler and RNG when given); returns the step to continue from."""
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / corrupt files
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start "
+                         f"over, or point `latest` in {path.parent} at an older ckpt-* directory") from e
+    load_trainable_state(model, weights, source=f"checkpoint {path}")
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    if optimizer is not None:  # a real resume: continue the random streams too
+        _set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int | None = None,
+          progress: bool = True) -> Path:
+    """Train `stage` (1 or 2) for cfg.stage{1,2}.max_steps; returns the run's stage directory.
+
+    task: a `StageTask` (see tasks.py) -- the model, its data and its loss; built from cfg if None.
+    stop_at: end early after this many steps (as if interrupted), e.g. to test resuming.
+    Writes <out_dir>/stage<N>/: checkpoints, log.csv, losses.png.
+    """
+    from .tasks import build_task  # tasks imports the heavy model code
+    from .plots import plot_losses
+
+    t: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
+    device = dist.setup(cfg.device)
+    seed_everything(t.seed + dist.rank())  # different dropout per process, same data order (see batch_indices)
+    task = task or build_task(cfg, stage, device)
+    model = task.model.to(device)
+    run_dir = Path(cfg.out_dir) / f"stage{stage}"
+    ckpt_root = run_dir / "checkpoints"
+    optimizer = build_optimizer(model, t)
+    scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+
+    start = 0
+    if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
+        start = load_checkpoint(ckpt, model, optimizer, scaler)
+        if dist.is_master():
+            print(f"resuming stage {stage} from {ckpt} (step {start})")
+    log_rows = _read_log(run_dir / "log.csv", upto=start)
+
+    train_model = model
+    if dist.world_size() > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=task.has_unused_parameters)
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    global_batch = t.batch_size * t.grad_accum * dist.world_size()
+    end = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
+    model.train()
+    bar = tqdm(range(start, end), desc=f"stage {stage}", initial=start, total=t.max_steps,
+               disable=not (progress and dist.is_master()), dynamic_ncols=True)
+    t0 = time.time()
+    for step in bar:
+        lr = lr_at(step, t)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx = local_slice(batch_indices(step, task.num_samples, global_batch, t.seed))
+        sums = {}
+        for micro in range(t.grad_accum):
+            mb = idx[micro * t.batch_size:(micro + 1) * t.batch_size]
+            sync = micro == t.grad_accum - 1 or dist.world_size() == 1
+            ctx = nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()
+            with ctx:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    out = task.loss(train_model, mb, device)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    _nan_stop(stage, step, out, ckpt_root)
+                loss = loss / t.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / t.grad_accum
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if scaler:
+            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            scaler.update()
+        elif torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            _nan_stop(stage, step, {"grad_norm": grad_norm}, ckpt_root)
+        optimizer.zero_grad(set_to_none=True)
+
+        sums = {k: dist.all_reduce_mean(torch.tensor(v)).item() for k, v in sums.items()}
+        row = {"step": step + 1, "lr": lr, **{k: round(v, 6) for k, v in sums.items()},
+               "grad_norm": round(float(grad_norm), 4), "time": round(time.time() - t0, 2)}
+        log_rows.append(row)
+        if dist.is_master():
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", lr=f"{lr:.1e}")
+            done = step + 1
+            if done % t.ckpt_every == 0 or done == end:
+                save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg)
+            if done % t.log_every == 0 or done == end:
+                _write_log(run_dir / "log.csv", log_rows)
+        dist.barrier()
+    if dist.is_master() and log_rows:
+        _write_log(run_dir / "log.csv", log_rows)
+        plot_losses(run_dir / "log.csv", run_dir / "losses.png", title=f"stage {stage}")
+    bar.close()
+    return run_dir
+
+
+def _nan_stop(stage, step, out, ckpt_root):
+    vals = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items())
+    last = latest_checkpoint(ckpt_root)
+    raise FloatingPointError(
+        f"stage {stage}, step {step + 1}: non-finite loss/gradient ({vals}). Training stopped before "
+        f"writing anything for this step; the last good checkpoint is {last or 'none'}. Try a lower lr, "
+        f"amp='bf16' instead of 'fp16', or a smaller grad_clip.")
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    """The log rows of an interrupted run, cut back to the checkpoint we resume from."""
+    if upto == 0 or not path.exists():
+        return []
+    with open(path) as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_log(path: Path, rows: list[dict]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--preset", default="cpu", help="cpu | paper | gpu24")
+    p.add_argument("--init_from", default="", help="stage 2: the stage-1 run directory (default: <out_dir>/stage1)")
+    p.add_argument("--no_resume", action="store_true", help="start over even if checkpoints exist")
+    args, overrides = p.parse_known_args(argv)
+    cfg = apply_overrides(get_preset(args.preset), overrides)
+    if args.init_from:
+        os.environ["MINBLIP2_STAGE1"] = args.init_from
+    try:
+        train(cfg, args.stage, resume=not args.no_resume)
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
