@@ -73,3 +73,25 @@ def load_hf_retrieval(stage1_model, hf_state: dict):
                          ("itm_head", "itm_head"), ("ln_vision", "vision_model.post_layernorm")]:
         getattr(stage1_model, ours).weight.copy_(hf_state[f"{theirs}.weight"])
         getattr(stage1_model, ours).bias.copy_(hf_state[f"{theirs}.bias"])
+
+
+@torch.no_grad()
+def load_hf_blip2_generation(stage2_model, hf_state: dict) -> None:
+    """Blip2ForConditionalGeneration (Salesforce/blip2-opt-2.7b, blip2-flan-t5-xl layout) -> minblip2 Stage2Model.
+
+    query_tokens + qformer.* -> qformer (query path only: the generation checkpoints have no text FFN),
+    vision_model.post_layernorm -> ln_vision, language_projection -> llm_proj, language_model.* -> llm.
+    The Stage2Model must be built with matching QFormerConfig and LLM config (and that LLM's tokenizer).
+    """
+    load_hf_qformer(stage2_model.qformer, hf_state, embeddings_prefix=None, text_ffn=False)
+    for ours, theirs in [("ln_vision", "vision_model.post_layernorm"), ("llm_proj", "language_projection")]:
+        getattr(stage2_model, ours).weight.copy_(hf_state[f"{theirs}.weight"])
+        getattr(stage2_model, ours).bias.copy_(hf_state[f"{theirs}.bias"])
+    llm = stage2_model.llm
+    lm_state = {k.removeprefix("language_model."): v for k, v in hf_state.items() if k.startswith("language_model.")}
+    missing, unexpected = llm.load_state_dict(lm_state, strict=False)
+    own = llm.state_dict()
+    loaded = {own[k].data_ptr() for k in lm_state if k in own}
+    missing = [k for k in missing if own[k].data_ptr() not in loaded]  # tied weights are often saved once
+    if missing or unexpected:
+        raise KeyError(f"language model mismatch: missing {missing[:5]}..., unexpected {unexpected[:5]}...")

@@ -15,7 +15,7 @@ def _batched(fn, n, batch_size, *tensors):
 
 
 @torch.no_grad()
-def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, batch_size: int = 64,
+def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, batch_size: int = 128,
                      device="cpu", amp: str = "none", progress: bool = False):
     """Score every (image, text) pair.
 

@@ -179,12 +179,12 @@ def seed_everything(seed: int):
 
 
 def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, run_dir: str | Path | None = None) -> Path:
     """Train `stage` (1 or 2) for cfg.stage{1,2}.max_steps; returns the run's stage directory.
 
     task: a `StageTask` (see tasks.py) -- the model, its data and its loss; built from cfg if None.
     stop_at: end early after this many steps (as if interrupted), e.g. to test resuming.
-    Writes <out_dir>/stage<N>/: checkpoints, log.csv, losses.png.
+    Writes run_dir (default <out_dir>/stage<N>): checkpoints/, log.csv, losses.png.
     """
     from .tasks import build_task  # tasks imports the heavy model code
     from .plots import plot_losses
@@ -194,7 +194,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     seed_everything(t.seed + dist.rank())  # different dropout per process, same data order (see batch_indices)
     task = task or build_task(cfg, stage, device)
     model = task.model.to(device)
-    run_dir = Path(cfg.out_dir) / f"stage{stage}"
+    run_dir = Path(run_dir or Path(cfg.out_dir) / f"stage{stage}")
     ckpt_root = run_dir / "checkpoints"
     optimizer = build_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None

@@ -1,0 +1,34 @@
+# The two commands a newcomer needs:   make run   |   make test
+PY := .venv/bin/python
+
+.PHONY: run test setup data lessons bench unit clean
+
+setup:
+	@bash scripts/setup.sh
+
+# coco-mini: ../shared/coco-mini (this workplace) or $$MINBLIP2_DATA if present, else downloaded into data/coco-mini
+data: setup
+	@$(PY) -c "import sys; from minblip2.config import default_data_root as d; sys.exit(0 if (d()/'captions.jsonl').is_file() else 1)" \
+	  || $(PY) data/download_coco_mini.py --out data/coco-mini
+
+# the main job: stage 1 -> stage 2 -> evaluation, writes runs/coco-mini/ and results/coco-mini.json
+run: data
+	$(PY) -m minblip2.run
+
+# everything CI runs: unit/parity/integration tests, then the lessons through nbval
+test: data
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env lessons
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+# re-execute every lesson in place (stores fresh outputs; run before committing a lesson change)
+lessons: data
+	$(PY) scripts/execute_lessons.py lessons/*.ipynb
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,202 @@
+"""The main job: stage 1 -> stage 2 -> evaluation on coco-mini, with the baselines, in one command.
+
+    python -m minblip2.run                       # offline defaults (preset "cpu"), ~30 min on 2 cores
+    python -m minblip2.run --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
+
+Writes to <out_dir>: stage1/ stage1_no_itg/ stage2/ stage2_no_stage1/ stage2_linear_projection/ (each with
+checkpoints, log.csv, losses.png), metrics.json, captions.png, retrieval.png; and copies the metrics to
+--results (default results/coco-mini.json), the file README's tables come from. Interrupted? Run it
+again: every training stage resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .backbones import load_bert, load_image_encoder
+from .baselines import (LinearProjectionModel, nearest_neighbour_captions, pooled_image_features,
+                        pooled_text_features, train_linear_probe)
+from .caption_eval import caption_metrics
+from .config import REPO_ROOT, Config, apply_overrides, get_preset
+from .data import load_coco, tokenize
+from .features import cached_features
+from .plots import caption_grid, retrieval_examples
+from .retrieval import recall_at_k, retrieval_scores
+from .tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
+from .train import train
+
+
+def variant(cfg: Config, **changes) -> Config:
+    """A copy of cfg with changes like stage1__losses=(...)."""
+    c = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(c, section), name, value)
+    return c
+
+
+class TestSplit:
+    """The test split: unique images (frozen tokens) and all their captions, tokenised for the Q-Former."""
+
+    def __init__(self, cfg: Config, tokenizer, device, split: str = "test"):
+        recs = load_coco(cfg.data.root, split, per="image")
+        self.image_ids = list(recs["image_id"])
+        self.image_paths = list(recs["image_path"])
+        self.captions = list(recs["captions"])
+        encoder = load_image_encoder(cfg.vision).to(device)
+        self.features = cached_features(encoder, cfg.vision, self.image_paths, device=device,
+                                        amp="bf16" if device.type == "cpu" else "fp16")
+        self.flat_captions = [c for caps in self.captions for c in caps]
+        self.text_to_image = torch.tensor([i for i, caps in enumerate(self.captions) for _ in caps])
+        tok = tokenize(tokenizer, self.flat_captions, cfg.data.max_text_len)
+        self.input_ids, self.text_mask = tok["input_ids"], tok["attention_mask"]
+
+
+def stage1_retrieval(model, test: TestSplit, k: int, device, amp: str):
+    i2t, t2i, itc = retrieval_scores(model, test.features, test.input_ids, test.text_mask, k=k,
+                                     device=device, amp=amp, progress=True)
+    return recall_at_k(i2t, t2i, test.text_to_image), recall_at_k(itc, itc.t(), test.text_to_image), t2i
+
+
+@torch.no_grad()
+def generate_captions(model, features, batch_size: int, num_beams: int, max_new_tokens: int, device, amp: str):
+    from tqdm.auto import tqdm
+
+    model.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    out = []
+    for i in tqdm(range(0, len(features), batch_size), desc="captions", leave=False):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out += model.generate(features[i:i + batch_size].to(device).float(), num_beams=num_beams,
+                                  max_new_tokens=max_new_tokens)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--results", default=str(REPO_ROOT / "results" / "coco-mini.json"),
+                   help="where to copy the metrics ('' = don't)")
+    args, overrides = p.parse_known_args(argv)
+    cfg = apply_overrides(get_preset(args.preset), overrides)
+    device = dist.setup(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, t_start = {}, time.time()
+
+    def tick(name, t0):
+        timings[name] = round(time.time() - t0, 1)
+        print(f"[{name}] {timings[name]} s")
+
+    # ---------------------------------------------------------------- stage 1: Q-Former, and without ITG
+    t0 = time.time()
+    train_data = ImageTextData.build(cfg, "train", True, device)
+    s1 = {}
+    for name, sub, c in [("qformer", "stage1", cfg),
+                         ("qformer_no_itg", "stage1_no_itg", variant(cfg, stage1__losses=("itc", "itm")))]:
+        model, tokenizer = build_stage1_model(c)
+        task = StageTask(model, train_data, tokenizer, c.data.max_text_len,
+                         has_unused_parameters=name != "qformer", stage=1)
+        train(c, 1, task=task, run_dir=out / sub)
+        s1[name] = model
+        tick(f"train_{name}", t0)
+        t0 = time.time()
+
+    test = TestSplit(cfg, tokenizer, device)
+    results = {"stage1": {}, "stage2": {}}
+    k, amp = cfg.stage1.itm_rerank_k, cfg.stage1.amp
+    results["stage1"]["qformer"], results["stage1"]["qformer_itc_only"], t2i = stage1_retrieval(
+        s1["qformer"], test, k, device, amp)
+    results["stage1"]["qformer_no_itg"], _, _ = stage1_retrieval(s1["qformer_no_itg"], test, k, device, amp)
+    tick("eval_retrieval", t0)
+
+    # ---------------------------------------------------------------- linear probe (same data, same loss)
+    t0 = time.time()
+    bert_state, _ = load_bert(cfg.qformer)
+    from transformers import BertConfig, BertModel
+    q = cfg.qformer
+    bert = BertModel(BertConfig(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                                intermediate_size=q.intermediate_size), add_pooling_layer=False)
+    bert.load_state_dict(bert_state, strict=False)  # the frozen text encoder the Q-Former started from
+    img_x = pooled_image_features(train_data.features)[train_data.row_of_caption]
+    txt_x = pooled_text_features(bert, tokenizer, train_data.captions)
+    probe, _ = train_linear_probe(img_x, txt_x, steps=cfg.stage1.max_steps, batch_size=cfg.stage1.batch_size,
+                                  lr=cfg.stage1.lr, seed=cfg.stage1.seed)
+    with torch.no_grad():
+        sim = (probe.encode_image(pooled_image_features(test.features)).squeeze(1)
+               @ probe.encode_text(pooled_text_features(bert, tokenizer, test.flat_captions)).t())
+    results["stage1"]["linear_probe"] = recall_at_k(sim, sim.t(), test.text_to_image)
+    tick("linear_probe", t0)
+    _save(out, results, cfg, timings)
+
+    # ---------------------------------------------------------------- stage 2: three ways into the LLM
+    s2 = {}
+    for name, sub, c in [("minblip2", "stage2", cfg),
+                         ("no_stage1", "stage2_no_stage1", variant(cfg, stage2__from_stage1=False)),
+                         ("linear_projection", "stage2_linear_projection", variant(cfg, stage2__from_stage1=False))]:
+        t0 = time.time()
+        if name == "linear_projection":
+            from .backbones import load_llm
+            llm, tok = load_llm(c.llm)
+            model = LinearProjectionModel(c.qformer, llm, tok, prompt=c.llm.prompt, max_text_len=c.data.max_text_len)
+        else:
+            model = build_stage2_model(c, stage1_dir=out / "stage1")
+        train(c, 2, task=StageTask(model, train_data, stage=2), run_dir=out / sub)
+        tick(f"train_{name}", t0)
+        t0 = time.time()
+        preds = generate_captions(model, test.features, 16, c.stage2.num_beams, c.stage2.max_new_tokens,
+                                  device, c.stage2.amp)
+        s2[name] = preds
+        results["stage2"][name] = caption_metrics(dict(zip(test.image_ids, preds)),
+                                                  dict(zip(test.image_ids, test.captions)))
+        tick(f"captions_{name}", t0)
+        del model
+        _save(out, results, cfg, timings)
+
+    nn_preds = nearest_neighbour_captions(pooled_image_features(train_data.features),
+                                          _captions_per_image(train_data), pooled_image_features(test.features))
+    results["stage2"]["nearest_neighbour"] = caption_metrics(dict(zip(test.image_ids, nn_preds)),
+                                                             dict(zip(test.image_ids, test.captions)))
+
+    # ---------------------------------------------------------------- pictures
+    show = list(range(0, len(test.image_ids), max(1, len(test.image_ids) // 12)))[:12]
+    caption_grid([test.image_paths[i] for i in show], [s2["minblip2"][i] for i in show],
+                 [test.captions[i][0] for i in show], out / "captions.png")
+    queries = [0, 7, 33, 101, 402]
+    queries = [q for q in queries if q < len(test.flat_captions)][:4]
+    ranked = [t2i[q].argsort(descending=True)[:5].tolist() for q in queries]
+    retrieval_examples([test.flat_captions[q] for q in queries], [[test.image_paths[i] for i in r] for r in ranked],
+                       [[i == int(test.text_to_image[q]) for i in r] for q, r in zip(queries, ranked)],
+                       out / "retrieval.png")
+    timings["total"] = round(time.time() - t_start, 1)
+    _save(out, results, cfg, timings, final=True)
+    if args.results:
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text((out / "metrics.json").read_text())
+    print(json.dumps(results, indent=2))
+
+
+def _captions_per_image(data: ImageTextData) -> list[list[str]]:
+    caps = [[] for _ in data.image_paths]
+    for c, r in zip(data.captions, data.row_of_caption.tolist()):
+        caps[r].append(c)
+    return caps
+
+
+def _save(out: Path, results, cfg: Config, timings, final: bool = False):
+    doc = {**results, "complete": final, "timings_s": timings,
+           "command": "python -m minblip2.run", "config": cfg.to_dict()}
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out / "metrics.json")
+
+
+if __name__ == "__main__":
+    main()
