@@ -154,9 +154,9 @@ def cpu() -> Config:
     """
     c = Config()
     c.qformer.num_queries = 16
-    c.stage1 = Stage1Config(lr=3e-4, min_lr=1e-5, warmup_steps=30, max_steps=250, batch_size=32,
+    c.stage1 = Stage1Config(lr=3e-4, min_lr=1e-5, warmup_steps=20, max_steps=150, batch_size=32,
                             amp="bf16", itm_rerank_k=10, ckpt_every=50)
-    c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=20, max_steps=200, batch_size=16,
+    c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
                             amp="bf16", num_beams=3, max_new_tokens=20, ckpt_every=50)
     c.out_dir = "runs/coco-mini"
     return c
