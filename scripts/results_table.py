@@ -1,0 +1,26 @@
+"""Print README's results tables (markdown) from a metrics file written by `python -m minblip2.run`."""
+import json
+import sys
+
+path = sys.argv[1] if len(sys.argv) > 1 else "results/coco-mini.json"
+d = json.load(open(path))
+names1 = {"qformer": "Q-Former (ITC+ITM+ITG), ITM re-rank", "qformer_itc_only": "same model, ranked by ITC only",
+          "qformer_no_itg": "Q-Former trained without ITG", "linear_probe": "linear probe (frozen pooled features)"}
+keys1 = ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"]
+print("| stage 1: retrieval, coco-mini test (192 images, 960 captions) | " + " | ".join(keys1) + " |")
+print("|---|" + "---:|" * len(keys1))
+for k, label in names1.items():
+    if k in d["stage1"]:
+        print(f"| {label} | " + " | ".join(f"{d['stage1'][k][m]:.1f}" for m in keys1) + " |")
+print()
+names2 = {"minblip2": "minblip2 (stage 1 -> stage 2)", "no_stage1": "stage 2 from a random Q-Former (no stage 1)",
+          "linear_projection": "linear projection of pooled image tokens", "nearest_neighbour": "nearest-neighbour caption"}
+keys2 = ["BLEU_4", "METEOR", "ROUGE_L", "CIDEr"]
+print("| stage 2: captioning, coco-mini test (192 images) | " + " | ".join(keys2) + " |")
+print("|---|" + "---:|" * len(keys2))
+for k, label in names2.items():
+    if k in d["stage2"]:
+        print(f"| {label} | " + " | ".join(f"{d['stage2'][k][m]:.1f}" for m in keys2) + " |")
+t = d.get("timings_s", {})
+if "total" in t:
+    print(f"\nWall time of the whole job: {t['total'] / 60:.0f} min on 2 CPU cores.")
