@@ -77,7 +77,12 @@ def itg_loss(logits, input_ids, text_mask, label_smoothing: float = 0.0):
     """Image-grounded text generation: predict token t+1 from tokens <= t (and the queries).
 
     logits (B, T, V) at every text position, input_ids/text_mask (B, T). Pads are not predicted.
+    The mean is over the target tokens of the GLOBAL batch: each process divides its sum by the mean
+    token count per process, so DDP's gradient average equals one process with the whole batch even
+    when processes hold captions of different lengths (a per-process mean would weight them unequally).
     """
     labels = input_ids.masked_fill(text_mask == 0, -100)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                            ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+    num_tokens = dist.all_reduce_mean((labels != -100).sum().float())  # one process: its own token count
+    return total / num_tokens

@@ -40,7 +40,8 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
         return itc.clone(), itc.t().clone(), itc
 
     def rerank(sim, query_is_image: bool):
-        scores = sim - 1e4  # keep ITC order below the re-ranked top-k
+        scores = sim.double() - 1e4  # keep ITC order below the re-ranked top-k (float64: in float32, -1e4
+        # rounds to steps of ~1e-3 and would tie or swap close similarities)
         kk = min(k, sim.shape[1])
         top_sim, top_idx = sim.topk(kk, dim=1)
         pairs = [(q, c) for q in range(sim.shape[0]) for c in top_idx[q].tolist()]
@@ -54,7 +55,7 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
                 logits = model.itm_logits(to(image_embeds[im]).float(), to(input_ids[tx]), to(text_mask[tx]))
             out.append(logits[:, 1].float().cpu())
         itm = torch.cat(out).view(sim.shape[0], kk)
-        scores.scatter_(1, top_idx, itm + top_sim)
+        scores.scatter_(1, top_idx, (itm + top_sim).double())
         return scores
 
     return rerank(itc, True), rerank(itc.t(), False), itc

@@ -260,10 +260,12 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         if dist.is_master():
             bar.set_postfix(loss=f"{sums['loss']:.3f}", lr=f"{lr:.1e}")
             done = step + 1
-            if done % t.ckpt_every == 0 or done == end:
-                save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg)
-            if done % t.log_every == 0 or done == end:
+            ckpt = done % t.ckpt_every == 0 or done == end
+            # the log first, whenever a checkpoint follows: a resume keeps the log rows up to its checkpoint
+            if ckpt or done % t.log_every == 0:
                 _write_log(run_dir / "log.csv", log_rows)
+            if ckpt:
+                save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg)
         dist.barrier()
     if dist.is_master() and log_rows:
         _write_log(run_dir / "log.csv", log_rows)
@@ -273,7 +275,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
 
 
 def _nan_stop(stage, step, out, ckpt_root):
-    vals = ", ".join(f"{k}={float(v):.4g}" for k, v in out.items())
+    vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in out.items())
     last = latest_checkpoint(ckpt_root)
     raise FloatingPointError(
         f"stage {stage}, step {step + 1}: non-finite loss/gradient ({vals}). Training stopped before "
@@ -286,7 +288,7 @@ def _read_log(path: Path, upto: int) -> list[dict]:
     if upto == 0 or not path.exists():
         return []
     with open(path) as f:
-        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = [{k: int(v) if k == "step" else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
     return [r for r in rows if r["step"] <= upto]
 
 
