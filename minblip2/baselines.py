@@ -94,7 +94,7 @@ def nearest_neighbour_captions(train_x, train_captions: list[list[str]], test_x)
 
 
 class LinearProjectionModel(Stage2Model):
-    """Stage 2 without a Q-Former: the patch grid average-pooled to `num_queries` tokens, LayerNorm,
+    """Stage 2 without a Q-Former: LayerNorm, the patch grid average-pooled to exactly `num_queries` tokens,
     then one linear layer into the LLM. Same soft-prompt length, same LLM, same training."""
 
     def __init__(self, qcfg, llm, tokenizer, **kw):
@@ -105,11 +105,10 @@ class LinearProjectionModel(Stage2Model):
 
     def visual_prompt(self, image_embeds):
         x = self.ln_vision(image_embeds.to(self.ln_vision.weight.dtype))
-        cls, patches = x[:, :1], x[:, 1:]  # (B, 1, D), (B, g*g, D)
+        patches = x[:, 1:]  # (B, g*g, D): drop [CLS], keep the patch grid
         g = int(patches.shape[1] ** 0.5)
-        side = max(1, int(self.num_tokens ** 0.5))  # 16 queries -> a 4x4 grid of pooled patches
+        # an a x b grid with a * b = num_queries exactly (16 -> 4x4, 32 -> 4x8): the same prompt length
+        a = max(d for d in range(1, int(self.num_tokens ** 0.5) + 1) if self.num_tokens % d == 0)
         grid = patches[:, : g * g].transpose(1, 2).reshape(x.shape[0], -1, g, g)
-        tokens = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)  # (B, side*side, D)
-        if side * side < self.num_tokens:  # not a square: add [CLS] too
-            tokens = torch.cat([cls, tokens], dim=1)
+        tokens = F.adaptive_avg_pool2d(grid, (a, self.num_tokens // a)).flatten(2).transpose(1, 2)  # (B, Q, D)
         return self.llm_proj(tokens).to(self.llm.get_input_embeddings().weight.dtype)

@@ -416,8 +416,6 @@ def test_linear_projection_baseline(tiny_llama_and_tokenizer):
     assert all(p.grad is None for p in model.llm.parameters())  # ... through the frozen LLM
 
 
-@pytest.mark.xfail(strict=True, reason="baselines.LinearProjectionModel: a non-square num_queries (32 -> 5x5 + "
-                   "[CLS] = 26 tokens) gives a shorter soft prompt than the Q-Former's; only n*n and n*n+1 match")
 def test_linear_projection_baseline_non_square_queries(tiny_llama_and_tokenizer):
     llm, tok = tiny_llama_and_tokenizer
     model = _linear_projection_model(llm, tok, num_queries=32)
