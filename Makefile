@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:   make run   |   make test
 PY := .venv/bin/python
 
-.PHONY: run test setup data lessons bench unit clean
+.PHONY: run test setup data lessons unit clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,9 +26,6 @@ unit: setup
 # re-execute every lesson in place (stores fresh outputs; run before committing a lesson change)
 lessons: data
 	$(PY) scripts/execute_lessons.py lessons/*.ipynb
-
-bench: setup
-	$(PY) -m bench.run_all
 
 clean:
 	rm -rf runs .pytest_cache
