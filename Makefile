@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:   make run   |   make test
 PY := .venv/bin/python
 
-.PHONY: run test setup data lessons unit clean
+.PHONY: run test setup data lessons unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,10 @@ unit: setup
 # re-execute every lesson in place (stores fresh outputs; run before committing a lesson change)
 lessons: data
 	$(PY) scripts/execute_lessons.py lessons/*.ipynb
+
+# speed benchmarks (~8 min on 2 quiet cores): rewrites bench/results.json and bench/results.md
+bench: setup
+	$(PY) bench/run.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -29,6 +29,15 @@ def is_master() -> bool:
     return rank() == 0
 
 
+def progress_bar(iterable, show: bool = True, **kw):
+    """A tqdm bar on the master process only. Never passes disable=False, so TQDM_DISABLE=1 silences it."""
+    from tqdm.auto import tqdm
+
+    if not (show and is_master()):
+        kw["disable"] = True
+    return tqdm(iterable, **kw)
+
+
 def setup(device: str = "auto") -> torch.device:
     """Join the process group if launched by torchrun; return the device this process should use."""
     if device == "auto":

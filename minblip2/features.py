@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import dist
 from .config import VisionConfig, default_cache_dir
@@ -42,7 +41,7 @@ def encode_images(encoder, image_paths: list[str], batch_size: int = 32, device=
     out = []
     use_amp = amp in ("bf16", "fp16")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    for images in tqdm(dl, desc="image features", disable=not (progress and dist.is_master())):
+    for images in dist.progress_bar(dl, progress, desc="image features"):
         with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=use_amp):
             out.append(encoder(images.to(device)).float().half().cpu())
     return torch.cat(out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .dist import progress_bar
 from .losses import itc_similarities
 
 
@@ -23,8 +24,6 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
     Returns (i2t (Ni, Nt), t2i (Nt, Ni), itc (Ni, Nt)). With k > 0 each image's top-k texts (and each
     text's top-k images) get ITM + ITC scores; the rest keep their ITC order, below all re-ranked ones.
     """
-    from tqdm.auto import tqdm
-
     model.eval()
     dev = torch.device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -46,7 +45,7 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
         top_sim, top_idx = sim.topk(kk, dim=1)
         pairs = [(q, c) for q in range(sim.shape[0]) for c in top_idx[q].tolist()]
         out = []
-        bar = tqdm(range(0, len(pairs), batch_size), desc="ITM re-rank", disable=not progress, leave=False)
+        bar = progress_bar(range(0, len(pairs), batch_size), progress, desc="ITM re-rank", leave=False)
         for s in bar:
             chunk = pairs[s:s + batch_size]
             im = torch.tensor([q if query_is_image else c for q, c in chunk])

@@ -67,12 +67,10 @@ def stage1_retrieval(model, test: TestSplit, k: int, device, amp: str):
 
 @torch.no_grad()
 def generate_captions(model, features, batch_size: int, num_beams: int, max_new_tokens: int, device, amp: str):
-    from tqdm.auto import tqdm
-
     model.eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     out = []
-    for i in tqdm(range(0, len(features), batch_size), desc="captions", leave=False):
+    for i in dist.progress_bar(range(0, len(features), batch_size), desc="captions", leave=False):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out += model.generate(features[i:i + batch_size].to(device).float(), num_beams=num_beams,
                                   max_new_tokens=max_new_tokens)

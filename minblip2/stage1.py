@@ -58,7 +58,16 @@ class Stage1Model(nn.Module):
     def encode_text(self, input_ids, text_mask):
         """Caption tokens (B, T) -> normalised ITC feature of [CLS] (B, E). Text alone = the unimodal mask."""
         h = self.qformer(input_ids=input_ids, text_mask=text_mask)
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self.pool_text(h, text_mask)), dim=-1)
+
+    def pool_text(self, h_text, text_mask):
+        """(B, T, H) text outputs -> (B, H): [CLS] (BLIP-2), or the mean over real tokens (text_pooling="mean")."""
+        if self.qcfg.text_pooling == "cls":
+            return h_text[:, 0]
+        if self.qcfg.text_pooling == "mean":
+            m = text_mask.unsqueeze(-1).to(h_text.dtype)
+            return (h_text * m).sum(1) / m.sum(1).clamp(min=1)
+        raise ValueError(f"qformer.text_pooling must be 'cls' or 'mean', not {self.qcfg.text_pooling!r}")
 
     def itm_logits(self, image_embeds, input_ids, text_mask, ln_done: bool = False):
         """Queries + text under the bidirectional mask -> (B, 2) match/no-match logits, averaged over queries."""
@@ -83,7 +92,7 @@ class Stage1Model(nn.Module):
         h, cache = self.qformer(img, input_ids, text_mask, mask=masks.unimodal_mask(Q, T, device=img.device),
                                 return_cache=True)
         image_feats = F.normalize(self.vision_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
-        text_feats = F.normalize(self.text_proj(h[:, Q]), dim=-1)  # (B, E): the [CLS] token
+        text_feats = F.normalize(self.text_proj(self.pool_text(h[:, Q:], text_mask)), dim=-1)  # (B, E)
         if self.scfg.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)

@@ -4,7 +4,6 @@ The training loop (train.py) is the same for both stages; this file holds the di
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +90,9 @@ def build_stage1_model(cfg: Config):
     model = Stage1Model(cfg.qformer, cfg.stage1)
     bert_state, tokenizer = load_bert(cfg.qformer)
     if bert_state is not None:
-        load_bert_weights(model.qformer, bert_state)
+        fresh = set(load_bert_weights(model.qformer, bert_state))
+        # what BERT initialised may learn more slowly (Stage1Config.pretrained_lr_scale, see train.build_optimizer)
+        model.pretrained_names = {f"qformer.{n}" for n, _ in model.qformer.named_parameters() if n not in fresh}
     return model, tokenizer
 
 
@@ -104,7 +105,7 @@ def build_stage2_model(cfg: Config, stage1_dir: str | Path | None = None):
     llm, tokenizer = load_llm(cfg.llm)
     model = Stage2Model(cfg.qformer, llm, tokenizer, prompt=cfg.llm.prompt, max_text_len=cfg.data.max_text_len)
     if cfg.stage2.from_stage1:
-        stage1_dir = Path(stage1_dir or os.environ.get("MINBLIP2_STAGE1") or Path(cfg.out_dir) / "stage1")
+        stage1_dir = Path(stage1_dir or Path(cfg.out_dir) / "stage1")
         ckpt = latest_checkpoint(stage1_dir / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(

@@ -15,6 +15,7 @@ import csv
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,17 @@ def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
     assert losses(ddp_dir)[:3] == losses(tmp_path / "ddp_before")  # the 2-process rows are kept
     assert_close_rows(losses(ddp_dir)[3], losses(one_dir)[3])
     assert_same_model(ddp_dir, one_dir, cfg)
+
+
+def test_progress_bar_is_silent_when_asked():
+    """Bars go to stderr; lessons (nbval) and non-master ranks must print none, and TQDM_DISABLE=1 must win
+    (tqdm reads it at import, hence fresh processes)."""
+    code = ("from minblip2.dist import progress_bar\n"
+            "assert list(progress_bar(range(3), show=False)) == [0, 1, 2]\n"
+            "assert list(progress_bar(range(3), desc='bar')) == [0, 1, 2]\n")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert shown.stderr.count("bar:") >= 1  # the second bar shows when nothing silences it
+    silenced = subprocess.run([sys.executable, "-c", code], env={**env, "TQDM_DISABLE": "1"},
+                              capture_output=True, text=True, check=True)
+    assert silenced.stderr == ""

@@ -420,3 +420,52 @@ def test_linear_projection_baseline_non_square_queries(tiny_llama_and_tokenizer)
     llm, tok = tiny_llama_and_tokenizer
     model = _linear_projection_model(llm, tok, num_queries=32)
     assert model.visual_prompt(torch.randn(1, 1 + 16 * 16, 24)).shape == (1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- stage-1 options of the cpu preset
+
+
+def test_mean_text_pooling_ignores_padding_and_differs_from_cls():
+    cfg = tiny_config()
+    cfg.qformer.text_pooling = "mean"
+    torch.manual_seed(0)
+    model = Stage1Model(cfg.qformer, cfg.stage1).eval()
+    ids = torch.tensor([[101, 1037, 2417, 2675, 102]])
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # three [PAD]s after [SEP]
+    a = model.encode_text(ids, torch.ones_like(ids))
+    b = model.encode_text(padded, (padded != 0).long())
+    assert torch.allclose(a, b, atol=1e-6)  # pads are masked out of the mean (and out of attention)
+    h = model.qformer(input_ids=ids, text_mask=torch.ones_like(ids))
+    assert torch.allclose(a, F.normalize(model.text_proj(h.mean(1)), dim=-1), atol=1e-6)
+    model.qcfg.text_pooling = "cls"
+    assert not torch.allclose(a, model.encode_text(ids, torch.ones_like(ids)), atol=1e-3)
+    model.qcfg.text_pooling = "max"
+    with pytest.raises(ValueError, match="text_pooling"):
+        model.encode_text(ids, torch.ones_like(ids))
+
+
+def test_pretrained_lr_scale_slows_only_the_bert_initialised_weights(tmp_path):
+    """Scale 0: after training, what BERT initialised is untouched and everything fresh has moved."""
+    cfg = tiny_config(max_steps=3, pretrained_lr_scale=0.0, weight_decay=0.0)
+    task = tiny_task(cfg)
+    model = task.model
+    model.pretrained_names = {n for n, _ in model.named_parameters() if n.startswith("qformer.layers.0.self_attn")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(cfg, 1, task, resume=False, progress=False, run_dir=tmp_path)
+    after = dict(model.named_parameters())
+    for n in model.pretrained_names:
+        assert torch.equal(before[n], after[n]), n
+    assert not torch.equal(before["qformer.query_tokens"], after["qformer.query_tokens"])
+    assert not torch.equal(before["qformer.layers.1.self_attn.query.weight"], after["qformer.layers.1.self_attn.query.weight"])
+
+
+def test_build_stage1_model_marks_what_bert_initialised():
+    from minblip2.config import cpu
+    from minblip2.tasks import build_stage1_model
+
+    model, _ = build_stage1_model(cpu())
+    slow = model.pretrained_names
+    assert "qformer.layers.0.self_attn.query.weight" in slow and "qformer.word_embeddings.weight" in slow
+    assert "qformer.layers.0.query_ffn.fc1.weight" in slow  # the query FFN is a copy of BERT's
+    for fresh in ("qformer.query_tokens", "qformer.layers.0.cross_attn.key.weight", "vision_proj.weight", "temp"):
+        assert fresh not in slow
