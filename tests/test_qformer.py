@@ -95,13 +95,20 @@ def test_itc_scores_match_transformers(retrieval_pair):
     assert (got - ref.logits_per_image).abs().max() <= 1e-5
 
 
-def test_joint_unimodal_pass_equals_separate_passes():
+def _tiny_model_and_batch(n: int, pad_from: int | None = None):
+    """A tiny eval-mode Stage1Model and n images (9 tokens x 24) with n 8-token captions; row 0 padded from pad_from."""
     torch.manual_seed(0)
     m = Stage1Model(QFormerConfig(**TINY)).eval()
-    img = torch.randn(3, 9, 24)
-    ids = torch.randint(5, 99, (3, 8))
-    att = torch.ones(3, 8, dtype=torch.long)
-    att[0, 6:] = 0
+    img = torch.randn(n, 9, 24)
+    ids = torch.randint(5, 99, (n, 8))
+    att = torch.ones(n, 8, dtype=torch.long)
+    if pad_from is not None:
+        att[-1, pad_from:] = 0
+    return m, img, ids, att
+
+
+def test_joint_unimodal_pass_equals_separate_passes():
+    m, img, ids, att = _tiny_model_and_batch(3, pad_from=6)
     with torch.no_grad():
         joint = m.qformer(m.ln_vision(img), ids, att, mask=masks.unimodal_mask(6, 8))
         q_alone = m.qformer(m.ln_vision(img))
@@ -125,11 +132,7 @@ def _itg_logits(m, img, ids, att, reuse):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_itg_is_causal(reuse):
-    torch.manual_seed(0)
-    m = Stage1Model(QFormerConfig(**TINY)).eval()
-    img = torch.randn(2, 9, 24)
-    ids = torch.randint(5, 99, (2, 8))
-    att = torch.ones(2, 8, dtype=torch.long)
+    m, img, ids, att = _tiny_model_and_batch(2)
     ids2 = ids.clone()
     ids2[:, 5] = (ids[:, 5] + 7) % 90 + 5  # change a later token
     with torch.no_grad():
@@ -139,12 +142,7 @@ def test_itg_is_causal(reuse):
 
 
 def test_itg_query_cache_equals_full_recompute():
-    torch.manual_seed(0)
-    m = Stage1Model(QFormerConfig(**TINY)).eval()
-    img = torch.randn(2, 9, 24)
-    ids = torch.randint(5, 99, (2, 8))
-    att = torch.ones(2, 8, dtype=torch.long)
-    att[1, 6:] = 0
+    m, img, ids, att = _tiny_model_and_batch(2, pad_from=6)
     with torch.no_grad():
         a, b = _itg_logits(m, img, ids, att, True), _itg_logits(m, img, ids, att, False)
     assert (a - b).abs().max() < 1e-5
