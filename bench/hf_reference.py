@@ -81,7 +81,12 @@ class HFStage1Reference(nn.Module):
         t = self.qformer(query_embeds=self.embeddings(input_ids=input_ids), query_length=0,
                          attention_mask=text_mask).last_hidden_state
         image_feats = F.normalize(self.vision_proj(q), dim=-1)  # (B, Q, E)
-        text_feats = F.normalize(self.text_proj(t[:, 0]), dim=-1)  # (B, E): [CLS]
+        if self.qcfg.text_pooling == "mean":  # the cpu preset pools the text like MiniLM was trained: same work here
+            m = text_mask.unsqueeze(-1).to(t.dtype)
+            pooled = (t * m).sum(1) / m.sum(1)
+        else:
+            pooled = t[:, 0]  # BLIP-2's [CLS]
+        text_feats = F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
         loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp,
                                                       self.scfg.label_smoothing, self.scfg.itc_gather_grad)
 
