@@ -42,6 +42,7 @@ import transformers  # noqa: E402
 from hf_reference import HFStage1Reference  # noqa: E402
 from minblip2.backbones import load_image_encoder  # noqa: E402
 from minblip2.config import cpu as cpu_preset  # noqa: E402
+from minblip2.qformer import Attention  # noqa: E402
 from minblip2.stage1 import Stage1Model  # noqa: E402
 from minblip2.stage2 import Stage2Model  # noqa: E402
 from minblip2.tasks import build_stage2_model  # noqa: E402
@@ -278,34 +279,31 @@ def stage2_model(cfg, device, num_queries, share_llm_of=None):
 # ----------------------------------------------------------------------------- attention variants
 
 
-def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    """What scaled_dot_product_attention computes, spelled out as BERT's eager attention does."""
-    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    return F.dropout(s.softmax(dim=-1), p=dropout_p) @ v  # the caller passes dropout_p=0 in eval mode
-
-
 @contextlib.contextmanager
-def attention(kind: str):
-    """Swap torch's F.scaled_dot_product_attention, which minblip2's Attention calls, for the duration.
+def attention(kind: str, model):
+    """Run `model` with one attention implementation for the duration.
 
-    "sdpa": as shipped. "manual": matmul -> mask -> softmax -> dropout -> matmul (no fused kernel).
-    "sdpa, no attention dropout": SDPA with dropout_p forced to 0. On CPU, SDPA only has a fused kernel
-    WITHOUT dropout; training (dropout 0.1 on the attention probabilities, BERT's recipe) falls back to
-    the unfused math. This variant shows what dropping attention-probability dropout would buy.
+    "sdpa": as shipped (QFormerConfig.attn_impl="sdpa"). "manual": attn_impl="math", the package's written-out
+    matmul -> mask -> softmax -> dropout -> matmul. "sdpa, no attention dropout": SDPA with dropout_p forced to 0
+    (patched in here). On CPU, SDPA only has a fused kernel WITHOUT dropout; training (dropout 0.1 on the attention
+    probabilities, BERT's recipe) falls back to unfused math. This variant shows what dropping that dropout buys.
     """
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
     original = F.scaled_dot_product_attention
 
     def no_attention_dropout(q, k, v, attn_mask=None, dropout_p=0.0, **kw):
         return original(q, k, v, attn_mask=attn_mask, dropout_p=0.0, **kw)
 
-    F.scaled_dot_product_attention = {"sdpa": original, "manual": manual_attention,
-                                      "sdpa, no attention dropout": no_attention_dropout}[kind]
+    for m in layers:
+        m.impl = "math" if kind == "manual" else "sdpa"
+    if kind == "sdpa, no attention dropout":
+        F.scaled_dot_product_attention = no_attention_dropout
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original
+        for m in layers:
+            m.impl = "sdpa"
 
 
 # ----------------------------------------------------------------------------- 1. minblip2 vs transformers
@@ -387,17 +385,17 @@ def bench_wins(cfg, S, device, res):
     model.scfg.itg_reuse_queries = True
 
     def attn(kind):
-        with attention(kind):
+        with attention(kind, model):
             step()
     compare("fused attention (SDPA)", "manual",
             {k: (lambda k=k: attn(k)) for k in ("sdpa", "manual", "sdpa, no attention dropout")},
-            "F.scaled_dot_product_attention vs the same math written out (patched in by the benchmark); "
+            "F.scaled_dot_product_attention vs the same math written out (--qformer.attn_impl=math); "
             "'sdpa, no attention dropout' forces dropout_p=0, the only case with a fused CPU kernel (a recipe change)")
 
     model.eval()  # inference (retrieval's ITM re-ranking): no dropout, so SDPA takes its fused kernel on CPU too
 
     def itm_scores(kind):
-        with attention(kind), torch.no_grad(), autocast(device, True):
+        with attention(kind, model), torch.no_grad(), autocast(device, True):
             model.itm_logits(*batch)
     compare("fused attention (SDPA), inference", "manual", {k: (lambda k=k: itm_scores(k)) for k in ("sdpa", "manual")},
             "the ITM forward retrieval re-ranking runs (eval mode, no grad, B image-text pairs): no dropout, so "
@@ -502,15 +500,15 @@ def bench_scaling(cfg, S, device, res):
 
 def bench_stage2(cfg, S, device, res, model=None):
     section("4/4 stage 2: frozen LLM in bf16, and captioning greedy vs beam search")
-    if model is None:
-        model, opt = stage2_model(cfg, device, cfg.qformer.num_queries)
+    # Under bf16 autocast, autocast caches its bf16 copies only of weights that require grad, so a FROZEN fp32 LLM
+    # is cast again at every forward -- every generated token. Compare an fp32-stored LLM with a bf16-stored one
+    # (the cpu preset's llm.dtype), whatever the preset says.
+    fp32_cfg, bf16_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    fp32_cfg.llm.dtype, bf16_cfg.llm.dtype = "float32", "bfloat16"
+    if model is None or next(model.llm.parameters()).dtype != torch.float32:
+        model, opt = stage2_model(fp32_cfg, device, cfg.qformer.num_queries)
     else:
         opt = build_optimizer(model, cfg.stage2)
-    # The preset keeps the frozen LLM in fp32 (LLMConfig.dtype) under bf16 autocast. Autocast caches its
-    # bf16 copies only of weights that require grad, so a FROZEN fp32 LLM is cast again at every forward --
-    # every generated token. --llm.dtype=bfloat16 stores it in bf16 once.
-    bf16_cfg = copy.deepcopy(cfg)
-    bf16_cfg.llm.dtype = "bfloat16"
     model16, opt16 = stage2_model(bf16_cfg, device, cfg.qformer.num_queries)
     model16.load_trainable_state_dict(model.trainable_state_dict())  # the same Q-Former weights
 
@@ -628,9 +626,8 @@ def markdown(res) -> str:
         s2, g = res["stage2"], res["stage2"]["generation"]
         st = s2["step"]
         L += ["## 4. Stage 2: the frozen LLM in bf16, and captioning speed", "",
-              f"{s2['llm']}, {s2['num_queries']} queries, bf16 autocast. The preset stores the frozen LLM in fp32; "
-              "autocast re-casts a frozen (no-grad) weight at every forward, so `--llm.dtype=bfloat16` stores it in "
-              "bf16 once.", "",
+              f"{s2['llm']}, {s2['num_queries']} queries, bf16 autocast. Autocast re-casts a frozen (no-grad) fp32 "
+              "weight at every forward; `--llm.dtype=bfloat16` (the cpu preset) stores it in bf16 once.", "",
               f"Stage-2 training step, batch {st['batch']}: {st['seconds']['LLM fp32']['median']:.3f} s with the LLM in fp32, "
               f"{st['seconds']['LLM bf16']['median']:.3f} s in bf16: speed-up {fmt_ratio(st['speedup_bf16_llm'])}.", "",
               f"Captioning: batch {g['batch']} images of random image tokens, exactly {g['new_tokens']} new tokens per "

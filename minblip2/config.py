@@ -42,6 +42,7 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     gradient_checkpointing: bool = False
+    attn_impl: str = "sdpa"  # "sdpa" (fused kernels; best on GPUs) or "math" (written out; faster CPU training, bench/)
 
 
 @dataclass

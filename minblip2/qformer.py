@@ -25,10 +25,12 @@ from . import masks
 class Attention(nn.Module):
     """Multi-head attention followed by BERT's output block: dense -> dropout -> residual -> LayerNorm."""
 
-    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float, eps: float):
+    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float, eps: float, impl: str = "sdpa"):
         super().__init__()
         assert hidden % heads == 0, f"hidden size {hidden} is not divisible by {heads} heads"
-        self.heads, self.dropout = heads, dropout
+        if impl not in ("sdpa", "math"):
+            raise ValueError(f"qformer.attn_impl must be 'sdpa' or 'math', not {impl!r}")
+        self.heads, self.dropout, self.impl = heads, dropout, impl
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(kv_width, hidden)
         self.value = nn.Linear(kv_width, hidden)
@@ -52,7 +54,14 @@ class Attention(nn.Module):
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
         if mask is not None:
             mask = mask.unsqueeze(1)  # (B, 1, L, keys): the same mask for every head
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "sdpa":  # PyTorch's fused kernels (FlashAttention on GPUs)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:  # the same math written out: on CPU, training with attention dropout is faster this way (bench/)
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            a = F.dropout(scores.softmax(dim=-1), p, self.training) @ v
         a = a.transpose(1, 2).reshape(x.shape)  # (B, L, H)
         return self.norm(x + self.drop(self.out(a))), own_kv
 
@@ -75,8 +84,9 @@ class QFormerLayer(nn.Module):
     def __init__(self, cfg: QFormerConfig, has_cross_attention: bool, with_text: bool = True):
         super().__init__()
         H, p, eps = cfg.hidden_size, cfg.dropout, cfg.layer_norm_eps
-        self.self_attn = Attention(H, cfg.num_heads, H, p, eps)
-        self.cross_attn = Attention(H, cfg.num_heads, cfg.vision_width, p, eps) if has_cross_attention else None
+        self.self_attn = Attention(H, cfg.num_heads, H, p, eps, cfg.attn_impl)
+        self.cross_attn = (Attention(H, cfg.num_heads, cfg.vision_width, p, eps, cfg.attn_impl)
+                           if has_cross_attention else None)
         self.query_ffn = FeedForward(H, cfg.intermediate_size, p, eps)
         self.text_ffn = FeedForward(H, cfg.intermediate_size, p, eps) if with_text else None
 

@@ -190,3 +190,19 @@ def test_itm_with_batch_size_one_explains_itself():
     m = Stage1Model(QFormerConfig(**TINY))
     with pytest.raises(ValueError, match="ITM needs a negative"):
         m(torch.randn(1, 9, 24), torch.randint(5, 99, (1, 8)), torch.ones(1, 8, dtype=torch.long))
+
+
+def test_math_attention_equals_sdpa():
+    """attn_impl="math" writes SDPA's computation out (faster CPU training, see bench/): same outputs, same grads."""
+    m, img, ids, att = _tiny_model_and_batch(3, pad_from=5)
+    m2 = Stage1Model(QFormerConfig(**{**TINY, "attn_impl": "math"})).eval()
+    m2.load_state_dict(m.state_dict())
+    mask = masks.bidirectional_mask(6, 8)
+    outs = []
+    for model in (m, m2):
+        h = model.qformer(model.ln_vision(img), ids, att, mask=mask)
+        h[:, :, 0].sum().backward()
+        outs.append((h.detach(), model.qformer.query_tokens.grad.clone()))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5) and torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+    with pytest.raises(ValueError, match="attn_impl"):
+        QFormer(QFormerConfig(**{**TINY, "attn_impl": "flash"}))
