@@ -56,7 +56,7 @@ class Stage1Model(nn.Module):
         return F.normalize(self.vision_proj(q), dim=-1), q
 
     def encode_text(self, input_ids, text_mask):
-        """Caption tokens (B, T) -> normalised ITC feature of [CLS] (B, E). Text alone = the unimodal mask."""
+        """Caption tokens (B, T) -> normalised ITC text feature (B, E), pooled by pool_text. Text alone = unimodal."""
         h = self.qformer(input_ids=input_ids, text_mask=text_mask)
         return F.normalize(self.text_proj(self.pool_text(h, text_mask)), dim=-1)
 
