@@ -19,7 +19,7 @@ from minblip2.config import REPO_ROOT
 from minblip2.run import TestSplit
 from minblip2.stage1 import Stage1Model
 from minblip2.tasks import build_stage1_model
-from minblip2.train import latest_checkpoint
+from minblip2.train import latest_checkpoint, load_trainable_state
 
 RUN = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "runs" / "coco-mini"
 cfg = config.cpu()
@@ -52,5 +52,5 @@ fresh, _ = build_stage1_model(cfg)
 stats("BERT init, untrained", fresh)
 for d in ["stage1", "stage1_no_itg"]:
     m = Stage1Model(cfg.qformer, cfg.stage1)
-    m.load_state_dict(load_file(str(latest_checkpoint(RUN / d / "checkpoints") / "model.safetensors")))
+    load_trainable_state(m, load_file(str(latest_checkpoint(RUN / d / "checkpoints") / "model.safetensors")))
     stats(f"trained {d}", m)
