@@ -22,6 +22,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from minblip2 import losses
 from minblip2.config import QFormerConfig, Stage1Config
 from minblip2.convert import hf_qformer_key_map
+from minblip2.stage1 import mean_over_tokens
 
 
 def hf_config(q: QFormerConfig) -> Blip2QFormerConfig:
@@ -81,11 +82,8 @@ class HFStage1Reference(nn.Module):
         t = self.qformer(query_embeds=self.embeddings(input_ids=input_ids), query_length=0,
                          attention_mask=text_mask).last_hidden_state
         image_feats = F.normalize(self.vision_proj(q), dim=-1)  # (B, Q, E)
-        if self.qcfg.text_pooling == "mean":  # the cpu preset pools the text like MiniLM was trained: same work here
-            m = text_mask.unsqueeze(-1).to(t.dtype)
-            pooled = (t * m).sum(1) / m.sum(1)
-        else:
-            pooled = t[:, 0]  # BLIP-2's [CLS]
+        # BLIP-2's [CLS], or (cpu preset) the mean over tokens, as MiniLM was trained: the same work as minblip2
+        pooled = mean_over_tokens(t, text_mask) if self.qcfg.text_pooling == "mean" else t[:, 0]
         text_feats = F.normalize(self.text_proj(pooled), dim=-1)  # (B, E)
         loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp,
                                                       self.scfg.label_smoothing, self.scfg.itc_gather_grad)

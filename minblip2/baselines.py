@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import itc_loss
+from .stage1 import mean_over_tokens
 from .stage2 import Stage2Model
 
 
@@ -31,8 +32,7 @@ def pooled_text_features(bert, tokenizer, captions: list[str], batch_size: int =
     for i in range(0, len(captions), batch_size):
         tok = tokenize(tokenizer, captions[i:i + batch_size], max_len)
         h = bert(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        m = tok["attention_mask"].unsqueeze(-1).float()
-        out.append((h * m).sum(1) / m.sum(1))
+        out.append(mean_over_tokens(h, tok["attention_mask"]))
     return torch.cat(out)
 
 

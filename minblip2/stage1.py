@@ -19,6 +19,12 @@ from .config import QFormerConfig, Stage1Config
 from .qformer import QFormer, init_bert_weights
 
 
+def mean_over_tokens(h, text_mask):
+    """(B, T, H) outputs -> (B, H): the mean over real tokens (text_mask 1), as sentence-transformers pools."""
+    m = text_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 class LMHead(nn.Module):
     """BERT's masked-LM head reused for generation: dense -> GELU -> LayerNorm -> tied decoder + bias."""
 
@@ -65,8 +71,7 @@ class Stage1Model(nn.Module):
         if self.qcfg.text_pooling == "cls":
             return h_text[:, 0]
         if self.qcfg.text_pooling == "mean":
-            m = text_mask.unsqueeze(-1).to(h_text.dtype)
-            return (h_text * m).sum(1) / m.sum(1).clamp(min=1)
+            return mean_over_tokens(h_text, text_mask)
         raise ValueError(f"qformer.text_pooling must be 'cls' or 'mean', not {self.qcfg.text_pooling!r}")
 
     def itm_logits(self, image_embeds, input_ids, text_mask, ln_done: bool = False):
