@@ -36,6 +36,15 @@ def pooled_text_features(bert, tokenizer, captions: list[str], batch_size: int =
     return torch.cat(out)
 
 
+def probe_training_pairs(data, bert, tokenizer):
+    """(image_x, text_x), one row per training sample of an ImageTextData: sample j is caption j % num_captions
+    with its image seen through cached view j // num_captions -- the very pairs the Q-Former trains on."""
+    views = [data.features] + data.views
+    image_x = torch.cat([pooled_image_features(v)[data.row_of_caption] for v in views])
+    text_x = pooled_text_features(bert, tokenizer, data.captions)
+    return image_x, text_x.repeat(len(views), 1)
+
+
 class LinearProbe(nn.Module):
     def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 256, init_temp: float = 0.07):
         super().__init__()

@@ -57,6 +57,7 @@ class LLMConfig:
 class DataConfig:
     root: str = ""  # coco-mini (or full COCO) directory; "" = $MINBLIP2_DATA, else the default (see data.py)
     max_text_len: int = 32  # tokens per caption (Q-Former tokenizer and LLM)
+    augmented_views: int = 0  # cached features: this many random crop + flip views per image besides the center crop
     skip_bad_images: bool = False  # True: skip unreadable images with a counted warning instead of raising
     num_workers: int = 0
 
@@ -103,6 +104,7 @@ class Stage2Config(TrainConfig):
     from_stage1: bool = True  # False: a randomly initialised Q-Former (the no-stage-1 ablation)
     num_beams: int = 5
     max_new_tokens: int = 30
+    no_repeat_ngram_size: int = 0  # captioning: > 0 forbids repeating any n-gram of this size (LAVIS: off)
 
 
 @dataclass
@@ -153,17 +155,21 @@ def cpu() -> Config:
     """The offline default: DINOv2 ViT-S/14 + MiniLM Q-Former + SmolLM2-135M, sized for 2 CPU cores.
 
     The recipe is the paper's (AdamW 0.9/0.98, wd 0.05, warmup + cosine) with fewer queries, fewer steps and
-    a shorter warmup for the tiny data. Three changes measured on coco-mini (README, "Deviations"): the
-    text feature for ITC is MiniLM's mean over tokens (how it was trained), not [CLS]; the fresh weights
+    a shorter warmup for the tiny data. Changes measured on coco-mini (README, "Deviations"): the text
+    feature for ITC is MiniLM's mean over tokens (how it was trained), not [CLS]; the fresh weights
     (queries, cross-attention, heads) learn at 1e-3 while the BERT-initialised ones learn 10x slower; the
-    frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every token).
+    cached image features include 6 augmented views per image (without them the Q-Former overfits 480
+    images); the frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every
+    token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers.
     """
     c = Config()
     c.qformer.num_queries = 16
     c.qformer.text_pooling = "mean"
+    c.qformer.attn_impl = "math"
+    c.data.augmented_views = 6
     c.llm.dtype = "bfloat16"
-    c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=150, batch_size=32,
-                            pretrained_lr_scale=0.1, amp="bf16", itm_rerank_k=10, ckpt_every=50)
+    c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
+                            pretrained_lr_scale=0.1, amp="bf16", itm_rerank_k=10, ckpt_every=100)
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
                             amp="bf16", num_beams=3, max_new_tokens=20, ckpt_every=50)
     c.out_dir = "runs/coco-mini"

@@ -37,7 +37,8 @@ def plot_losses(log_csv, out_png=None, title: str = "", smooth: int = 10):
 
 
 def caption_grid(image_paths, generated, references=None, out_png=None, cols: int = 4, img_size: int = 160):
-    """Images with the generated caption (bold) and one reference caption under each."""
+    """Images with the generated caption and, after a dash, one reference caption above each (each cut to a
+    few lines, so a rambling caption cannot run over the picture above it)."""
     from PIL import Image
 
     n = len(image_paths)
@@ -48,9 +49,9 @@ def caption_grid(image_paths, generated, references=None, out_png=None, cols: in
     for i, path in enumerate(image_paths):
         ax = axes.flat[i]
         ax.imshow(Image.open(path).convert("RGB").resize((img_size, img_size)))
-        text = "\n".join(textwrap.wrap(generated[i], 30))
+        text = "\n".join(textwrap.wrap(generated[i], 32, max_lines=3, placeholder=" ..."))
         if references:
-            text += "\n— " + "\n".join(textwrap.wrap(references[i], 30))
+            text += "\n— " + "\n".join(textwrap.wrap(references[i], 32, max_lines=2, placeholder=" ..."))
         ax.set_title(text, fontsize=7, loc="left")
     fig.tight_layout()
     if out_png:

@@ -41,14 +41,19 @@ class Attention(nn.Module):
     def split(self, x):  # (B, L, H) -> (B, heads, L, H/heads)
         return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
-    def forward(self, x, context=None, mask=None, prefix_kv=None):
+    def project_kv(self, ctx):
+        """(B, N, Dkv) -> keys, values (B, heads, N, H/heads)."""
+        return self.split(self.key(ctx)), self.split(self.value(ctx))
+
+    def forward(self, x, context=None, mask=None, prefix_kv=None, kv=None):
         """x (B, L, H); context (B, N, Dkv) for cross-attention, else x; mask (B, L, keys) bool, True = attend.
 
+        kv: keys/values already projected from the context (`project_kv`), instead of the context itself.
         prefix_kv: keys/values (B, heads, P, d) computed earlier (the queries', for ITG) prepended to this
         pass's own. Returns the output and this pass's own (k, v), so a caller can cache them.
         """
-        ctx = x if context is None else context
-        q, k, v = self.split(self.query(x)), self.split(self.key(ctx)), self.split(self.value(ctx))
+        q = self.split(self.query(x))
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         own_kv = (k, v)
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
@@ -90,14 +95,15 @@ class QFormerLayer(nn.Module):
         self.query_ffn = FeedForward(H, cfg.intermediate_size, p, eps)
         self.text_ffn = FeedForward(H, cfg.intermediate_size, p, eps) if with_text else None
 
-    def forward(self, x, mask, num_queries: int, image_embeds=None, prefix_kv=None):
-        """x (B, Q+T, H) with the first `num_queries` rows the queries (0 if they are cached in prefix_kv)."""
+    def forward(self, x, mask, num_queries: int, image_kv=None, prefix_kv=None):
+        """x (B, Q+T, H) with the first `num_queries` rows the queries (0 if they are cached in prefix_kv);
+        image_kv: this layer's cross-attention keys/values of the image (QFormer.image_kv)."""
         h, kv = self.self_attn(x, mask=mask, prefix_kv=prefix_kv)
         parts = []
         if num_queries > 0:
             hq = h[:, :num_queries]
             if self.cross_attn is not None:
-                hq, _ = self.cross_attn(hq, context=image_embeds)  # queries read the image
+                hq, _ = self.cross_attn(hq, kv=image_kv)  # queries read the image
             parts.append(self.query_ffn(hq))
         if h.shape[1] > num_queries:
             parts.append(self.text_ffn(h[:, num_queries:]))
@@ -133,11 +139,21 @@ class QFormer(nn.Module):
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(pos))
         return self.embed_drop(self.embed_norm(torch.cat(parts, dim=1)))
 
+    def image_kv(self, image_embeds):
+        """Image tokens (B, N, Dv) -> each layer's cross-attention (keys, values), None for layers without.
+
+        They depend on the image alone: a batch computes them once for every pass that reads the same
+        images (stage 1: ITC and ITM), instead of once per pass.
+        """
+        return [layer.cross_attn.project_kv(image_embeds) if layer.cross_attn is not None else None
+                for layer in self.layers]
+
     def forward(self, image_embeds=None, input_ids=None, text_mask=None, mask=None, query_cache=None,
-                return_cache=False):
+                return_cache=False, image_kv=None):
         """Run queries and/or text through the Q-Former.
 
-        image_embeds: (B, N, Dv) -- the queries are in the sequence iff this is given.
+        image_embeds: (B, N, Dv) -- the queries are in the sequence iff this (or image_kv) is given.
+        image_kv: the image's cross-attention keys/values from `image_kv(image_embeds)`, instead of image_embeds.
         input_ids, text_mask: (B, T) text tokens and their "is real, not padding" mask (1/0).
         mask: the (Q+T, Q+T) objective mask from masks.py; None = everything attends to everything.
         query_cache: the queries' per-layer (k, v) from an earlier pass with `return_cache=True`: the text
@@ -146,8 +162,10 @@ class QFormer(nn.Module):
         Returns hidden states (B, Q+T, H) -- (B, T, H) with a query_cache -- and, with return_cache, the
         per-layer (k, v) of this pass.
         """
-        with_queries = image_embeds is not None
-        B = (image_embeds if with_queries else input_ids).shape[0]
+        if image_embeds is not None:
+            image_kv = self.image_kv(image_embeds)
+        with_queries = image_kv is not None
+        B = image_kv[0][0].shape[0] if with_queries else input_ids.shape[0]  # layer 0 always has cross-attention
         Q = self.cfg.num_queries if with_queries else 0
         P = query_cache[0][0].shape[2] if query_cache is not None else 0  # cached query count
         x = self.embed(B, with_queries, input_ids)
@@ -168,10 +186,11 @@ class QFormer(nn.Module):
         cache = []
         for i, layer in enumerate(self.layers):
             prefix = query_cache[i] if query_cache is not None else None
+            ikv = image_kv[i] if with_queries else None
             if self.cfg.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, use_reentrant=False)
+                x, kv = checkpoint(layer, x, attn_mask, Q, ikv, prefix, use_reentrant=False)
             else:
-                x, kv = layer(x, attn_mask, Q, image_embeds, prefix)
+                x, kv = layer(x, attn_mask, Q, ikv, prefix)
             cache.append(kv)
         return (x, cache) if return_cache else x
 

@@ -22,7 +22,7 @@ import torch
 from . import dist
 from .backbones import load_bert, load_image_encoder
 from .baselines import (LinearProjectionModel, nearest_neighbour_captions, pooled_image_features,
-                        pooled_text_features, train_linear_probe)
+                        pooled_text_features, probe_training_pairs, train_linear_probe)
 from .caption_eval import caption_metrics
 from .config import REPO_ROOT, Config, apply_overrides, get_preset
 from .data import load_coco, tokenize
@@ -66,14 +66,15 @@ def stage1_retrieval(model, test: TestSplit, k: int, device, amp: str):
 
 
 @torch.no_grad()
-def generate_captions(model, features, batch_size: int, num_beams: int, max_new_tokens: int, device, amp: str):
+def generate_captions(model, features, batch_size: int, num_beams: int, max_new_tokens: int, device, amp: str,
+                      no_repeat_ngram_size: int = 0):
     model.eval()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     out = []
     for i in dist.progress_bar(range(0, len(features), batch_size), desc="captions", leave=False):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out += model.generate(features[i:i + batch_size].to(device).float(), num_beams=num_beams,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
     return out
 
 
@@ -123,8 +124,7 @@ def main(argv=None):
     bert = BertModel(BertConfig(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
                                 intermediate_size=q.intermediate_size), add_pooling_layer=False)
     bert.load_state_dict(bert_state, strict=False)  # the frozen text encoder the Q-Former started from
-    img_x = pooled_image_features(train_data.features)[train_data.row_of_caption]
-    txt_x = pooled_text_features(bert, tokenizer, train_data.captions)
+    img_x, txt_x = probe_training_pairs(train_data, bert, tokenizer)
     probe, _ = train_linear_probe(img_x, txt_x, steps=cfg.stage1.max_steps, batch_size=cfg.stage1.batch_size,
                                   lr=cfg.stage1.lr, seed=cfg.stage1.seed)
     with torch.no_grad():
@@ -150,7 +150,7 @@ def main(argv=None):
         tick(f"train_{name}", t0)
         t0 = time.time()
         preds = generate_captions(model, test.features, 16, c.stage2.num_beams, c.stage2.max_new_tokens,
-                                  device, c.stage2.amp)
+                                  device, c.stage2.amp, c.stage2.no_repeat_ngram_size)
         s2[name] = preds
         results["stage2"][name] = caption_metrics(dict(zip(test.image_ids, preds)),
                                                   dict(zip(test.image_ids, test.captions)))

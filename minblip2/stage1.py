@@ -74,11 +74,14 @@ class Stage1Model(nn.Module):
             return mean_over_tokens(h_text, text_mask)
         raise ValueError(f"qformer.text_pooling must be 'cls' or 'mean', not {self.qcfg.text_pooling!r}")
 
-    def itm_logits(self, image_embeds, input_ids, text_mask, ln_done: bool = False):
-        """Queries + text under the bidirectional mask -> (B, 2) match/no-match logits, averaged over queries."""
-        img = image_embeds if ln_done else self.ln_vision(image_embeds)
+    def itm_logits(self, image_embeds, input_ids, text_mask, image_kv=None):
+        """Queries + text under the bidirectional mask -> (B, 2) match/no-match logits, averaged over queries.
+        image_kv: the images' cross-attention keys/values already computed (then image_embeds is not used)."""
+        if image_kv is None:
+            image_kv = self.qformer.image_kv(self.ln_vision(image_embeds))
         Q, T = self.qcfg.num_queries, input_ids.shape[1]
-        h = self.qformer(img, input_ids, text_mask, mask=masks.bidirectional_mask(Q, T, device=input_ids.device))
+        h = self.qformer(input_ids=input_ids, text_mask=text_mask, image_kv=image_kv,
+                         mask=masks.bidirectional_mask(Q, T, device=input_ids.device))
         return self.itm_head(h[:, :Q]).mean(dim=1)
 
     # ------------------------------------------------------------------ training
@@ -91,11 +94,14 @@ class Stage1Model(nn.Module):
         use = set(self.scfg.losses)
         Q, T = self.qcfg.num_queries, input_ids.shape[1]
         img = self.ln_vision(image_embeds)
+        # the image's keys/values in every cross-attention layer: computed once, read by ITC and ITM
+        # (projecting 257 image tokens is most of the cost of a query pass)
+        image_kv = self.qformer.image_kv(img)
         out = {}
 
         # ITC: queries and text in one pass under the unimodal mask (same as two separate passes)
-        h, cache = self.qformer(img, input_ids, text_mask, mask=masks.unimodal_mask(Q, T, device=img.device),
-                                return_cache=True)
+        h, cache = self.qformer(input_ids=input_ids, text_mask=text_mask, image_kv=image_kv, return_cache=True,
+                                mask=masks.unimodal_mask(Q, T, device=img.device))
         image_feats = F.normalize(self.vision_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
         text_feats = F.normalize(self.text_proj(self.pool_text(h[:, Q:], text_mask)), dim=-1)  # (B, E)
         if self.scfg.clamp_temp:
@@ -111,12 +117,17 @@ class Stage1Model(nn.Module):
         if "itm" in use:
             ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
-            img_all = dist.all_gather_with_grad(img)  # gradients reach the negatives' ln_vision too
+            if dist.world_size() == 1:  # every negative image is in this batch: its keys/values exist already
+                neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
+            else:  # a negative may be another process's image; gradients reach its ln_vision too
+                neg_kv = self.qformer.image_kv(dist.all_gather_with_grad(img)[neg_image])
             ids, tmask, ids_all, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
+            # 3B rows: positives | (negative image, text) | (image, negative text)
             itm_ids = torch.cat([ids, ids, ids_all[neg_text]], dim=0)
             itm_mask = torch.cat([tmask, tmask, tmask_all[neg_text]], dim=0)
-            itm_img = torch.cat([img, img_all[neg_image], img], dim=0)  # 3B: pos | (neg image, text) | (image, neg text)
-            logits = self.itm_logits(itm_img, itm_ids, itm_mask, ln_done=True)
+            itm_kv = [None if kv is None else tuple(torch.cat([x, x_neg, x]) for x, x_neg in zip(kv, nkv))
+                      for kv, nkv in zip(image_kv, neg_kv)]
+            logits = self.itm_logits(None, itm_ids, itm_mask, image_kv=itm_kv)
             loss_itm = losses.itm_loss(logits, num_pos=input_ids.shape[0])
             total = total + loss_itm
             out["loss_itm"] = loss_itm.detach()
@@ -129,7 +140,7 @@ class Stage1Model(nn.Module):
                 query_cache = [(k[:, :, :Q], v[:, :, :Q]) for k, v in cache]
                 h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, mask=causal, query_cache=query_cache)
             else:
-                h_text = self.qformer(img, dec_ids, text_mask, mask=causal)[:, Q:]
+                h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, mask=causal, image_kv=image_kv)[:, Q:]
             loss_itg = losses.itg_loss(self.lm_head(h_text), dec_ids, text_mask, self.scfg.label_smoothing)
             total = total + loss_itg
             out["loss_itg"] = loss_itg.detach()

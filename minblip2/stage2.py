@@ -189,9 +189,15 @@ class Stage2Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, image_embeds, prompt=None, num_beams: int = 5, max_new_tokens: int = 30,
-                 min_new_tokens: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0) -> list[str]:
+                 min_new_tokens: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0) -> list[str]:
         """Image tokens (B, N, Dv) -> B strings. prompt: None (the model's), one str for all, or one per image
-        (instructions, `vqa_prompt(...)` questions). num_beams=1 is greedy. Uses the LLM's own generate()."""
+        (instructions, `vqa_prompt(...)` questions). num_beams=1 is greedy. Uses the LLM's own generate().
+
+        A caption or an answer is one line: the text ends at EOS or at the first line break (a chat LLM such
+        as SmolLM2-Instruct ends a sentence with "\n\n" far more often than with its end-of-turn EOS).
+        no_repeat_ngram_size > 0 forbids repeating any n-gram (a weakly trained prompt otherwise loops).
+        """
         B = image_embeds.shape[0]
         prompts = self._prompts(prompt, B)
         queries = self.visual_prompt(image_embeds)  # (B, Q, D)
@@ -216,8 +222,11 @@ class Stage2Model(nn.Module):
             kw["length_penalty"] = length_penalty
         if repetition_penalty != 1.0:
             kw["repetition_penalty"] = repetition_penalty
+        if no_repeat_ngram_size > 0:
+            kw["no_repeat_ngram_size"] = no_repeat_ngram_size
         with warnings.catch_warnings():  # "repetition penalty only on new tokens": true, the prompt is soft anyway
             warnings.simplefilter("ignore", UserWarning)
             out = self.llm.generate(inputs_embeds=inputs, attention_mask=mask, **kw)
         # decoder-only generate() from inputs_embeds returns only the new tokens; T5 starts with its decoder start
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [t.strip().split("\n")[0].strip() for t in texts]

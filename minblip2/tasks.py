@@ -19,14 +19,19 @@ from .stage1 import Stage1Model
 
 @dataclass
 class ImageTextData:
-    """The training pairs of a split: one row per caption, image tokens looked up (or computed) per batch."""
+    """The training pairs of a split: one row per caption, image tokens looked up (or computed) per batch.
+
+    With cached features and V augmented views, sample j is caption j % num_captions seen through view
+    j // num_captions (view 0 = the center crop): an epoch pairs every caption with every view once.
+    """
 
     captions: list[str]
     image_ids: torch.Tensor  # (num_captions,)
     image_paths: list[str]  # unique images
     row_of_caption: torch.Tensor  # caption i -> its image's row in image_paths / features
     encoder: torch.nn.Module
-    features: torch.Tensor | None = None  # (num_images, N, D) float16 when cached
+    features: torch.Tensor | None = None  # (num_images, N, D) float16 when cached: the center crops
+    views: list = field(default_factory=list)  # cached augmented views, each like `features`
     transform: object = None  # augmentation for the uncached path
     skip_bad: bool = False
 
@@ -39,8 +44,10 @@ class ImageTextData:
         data = cls(list(recs["caption"]), torch.tensor(recs["image_id"]), paths,
                    torch.tensor([row[p] for p in recs["image_path"]]), encoder, skip_bad=cfg.data.skip_bad_images)
         if cache:
-            data.features = cached_features(encoder, cfg.vision, paths, device=device,
-                                            amp="bf16" if device.type == "cpu" else "fp16")
+            amp = "bf16" if device.type == "cpu" else "fp16"
+            data.features = cached_features(encoder, cfg.vision, paths, device=device, amp=amp)
+            data.views = [cached_features(encoder, cfg.vision, paths, view=v, device=device, amp=amp)
+                          for v in range(1, cfg.data.augmented_views + 1)]
         else:
             data.transform = train_transform(encoder.img_size, encoder.mean, encoder.std)
         return data
@@ -48,11 +55,17 @@ class ImageTextData:
     def __len__(self):
         return len(self.captions)
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.captions) * (1 + len(self.views))
+
     def batch(self, idx: torch.Tensor, device):
-        """(image tokens (B, N, D) float32, captions, image ids) for caption indices `idx`."""
+        """(image tokens (B, N, D) float32, captions, image ids) for sample indices `idx`."""
+        view, idx = idx // len(self.captions), idx % len(self.captions)
         rows = self.row_of_caption[idx]
         if self.features is not None:
-            emb = self.features[rows].to(device).float()
+            views = [self.features] + self.views
+            emb = torch.stack([views[v][r] for v, r in zip(view.tolist(), rows.tolist())]).to(device).float()
         else:  # augment and encode now; the encoder is frozen, so no graph is kept
             imgs = [load_image(self.image_paths[r], skip_bad=self.skip_bad) for r in rows.tolist()]
             keep = [i for i, im in enumerate(imgs) if im is not None]
@@ -75,7 +88,7 @@ class StageTask:
 
     @property
     def num_samples(self):
-        return len(self.data)
+        return self.data.num_samples
 
     def loss(self, model, idx, device) -> dict:
         emb, caps, ids = self.data.batch(idx, device)

@@ -332,3 +332,37 @@ def test_karpathy_splits(tmp_path):
                                                {"cocoid": 11, "split": "test"}, {"cocoid": 20, "split": "train"}]}))
     assert dck.assign_splits(coco, dck.split_ids_from_karpathy(karpathy)) == splits
     assert dck.main(["--out", str(tmp_path / "k"), "--dry-run"]) == 0
+
+
+def test_cached_augmented_views_are_fixed_per_view_and_differ_between_views(tmp_path):
+    """features.cached_features(view=v): v = 0 is the center crop, v > 0 a random crop + flip drawn from seed v --
+    the same every time it is computed, different from the other views; the caller's random state is untouched."""
+    from minblip2.config import VisionConfig
+    from minblip2.features import cached_features, encode_images
+
+    class PixelEncoder(torch.nn.Module):  # "tokens" = the pixels themselves, so crops are visible in the output
+        img_size, mean, std = 16, MEAN, STD
+
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2)  # (B, 256, 3)
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(torch.randint(0, 255, (40, 30, 3), generator=g, dtype=torch.uint8).numpy()).save(p)
+        paths.append(str(p))
+    enc, vcfg = PixelEncoder(), VisionConfig(name="pixels", img_size=16)
+    torch.manual_seed(123)
+    views = [encode_images(enc, paths, progress=False, view=v) for v in (0, 1, 2, 1)]
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # the crops' seeds did not touch the global random state
+    assert views[0].shape == (3, 256, 3)
+    assert torch.equal(views[1], views[3])  # view 1 is view 1, whenever it is computed
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+    cached = cached_features(enc, vcfg, paths, cache_dir=tmp_path / "cache", view=2, progress=False)
+    assert torch.equal(cached, views[2])
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 1
+    cached_features(enc, vcfg, paths, cache_dir=tmp_path / "cache", view=0, progress=False)
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # one file per view

@@ -206,3 +206,22 @@ def test_math_attention_equals_sdpa():
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5) and torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
     with pytest.raises(ValueError, match="attn_impl"):
         QFormer(QFormerConfig(**{**TINY, "attn_impl": "flash"}))
+
+
+def test_itm_loss_equals_the_loss_from_raw_image_tokens():
+    """forward() reuses the ITC pass's image keys/values for ITM (the negatives' by indexing): the ITM loss must be
+    what the plain recipe gives -- sample negatives, re-run the images [positive | negative | positive] from scratch."""
+    from minblip2 import losses
+
+    m, img, ids, att = _tiny_model_and_batch(4, pad_from=5)
+    image_ids = torch.arange(4)
+    out = m(img, ids, att, image_ids=image_ids, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        image_feats, _ = m.encode_image(img)
+        _, sim_i2t, sim_t2i = losses.itc_loss(image_feats, m.encode_text(ids, att), m.temp)
+        neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, image_ids,
+                                                           torch.Generator().manual_seed(3))
+        logits = m.itm_logits(torch.cat([img, img[neg_image], img]), torch.cat([ids, ids, ids[neg_text]]),
+                              torch.cat([att, att, att[neg_text]]))
+    assert (neg_image != torch.arange(4)).all()
+    assert torch.allclose(out["loss_itm"], losses.itm_loss(logits, num_pos=4), atol=1e-6)

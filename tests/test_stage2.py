@@ -190,6 +190,25 @@ def test_greedy_generate_matches_a_hand_loop(tok):
     assert m.generate(img, num_beams=1, max_new_tokens=5)[0] == tok.decode(seq, skip_special_tokens=True).strip()
 
 
+def test_generate_keeps_the_first_line_and_passes_the_ngram_rule(tok, monkeypatch):
+    """A caption is one line (a chat LLM ends sentences with "\n\n" more often than with EOS)."""
+    m = make("llama", tok).eval()
+    seen = {}
+    real_generate = m.llm.generate
+
+    def generate(**kw):
+        seen.update(kw)
+        return real_generate(**kw)
+
+    monkeypatch.setattr(m.llm, "generate", generate)
+    monkeypatch.setattr(m.tokenizer, "batch_decode",
+                        lambda out, **kw: [" a dog on the grass.\n\nThe company's mission is", "a cat\nsleeping"])
+    assert m.generate(images(2), num_beams=1, max_new_tokens=3) == ["a dog on the grass.", "a cat"]
+    assert "no_repeat_ngram_size" not in seen
+    m.generate(images(2), num_beams=1, max_new_tokens=3, no_repeat_ngram_size=3)
+    assert seen["no_repeat_ngram_size"] == 3
+
+
 def test_vqa_prompt():
     assert vqa_prompt("what is it?") == "Question: what is it? Answer:"
     assert vqa_prompt(" what is it? ", style="t5") == "Question: what is it? Short answer:"
