@@ -65,7 +65,8 @@ class ImageTextData:
         rows = self.row_of_caption[idx]
         if self.features is not None:
             views = [self.features] + self.views
-            emb = torch.stack([views[v][r] for v, r in zip(view.tolist(), rows.tolist())]).to(device).float()
+            # float32 before stacking: train() calls this under autocast, which rejects stacking float16 on a CPU
+            emb = torch.stack([views[v][r].float() for v, r in zip(view.tolist(), rows.tolist())]).to(device)
         else:  # augment and encode now; the encoder is frozen, so no graph is kept
             imgs = [load_image(self.image_paths[r], skip_bad=self.skip_bad) for r in rows.tolist()]
             keep = [i for i, im in enumerate(imgs) if im is not None]

@@ -478,20 +478,24 @@ def test_cached_views_cycle_through_every_caption_and_view(monkeypatch):
     from minblip2.baselines import probe_training_pairs
 
     data = synthetic_data(num_images=5)  # 10 captions
+    data.features = data.features.half()  # stored like the real cache
     data.views = [data.features + 100 * v for v in (1, 2)]  # two "augmented" views, told apart by their offset
     n = len(data)
     assert data.num_samples == 3 * n
     idx = torch.tensor([0, n + 3, 2 * n + 3, 2 * n - 1])
-    emb, caps, ids = data.batch(idx, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as train() calls it
+        emb, caps, ids = data.batch(idx, "cpu")
+    assert emb.dtype == torch.float32
     for j, e, c, i in zip(idx.tolist(), emb, caps, ids):
         cap, view = j % n, j // n
         row = data.row_of_caption[cap]
-        assert torch.equal(e, data.features[row] + 100 * view) and c == data.captions[cap] and i == data.image_ids[cap]
+        assert torch.equal(e, (data.features[row] + 100 * view).float())
+        assert c == data.captions[cap] and i == data.image_ids[cap]
     # the text encoder is tested elsewhere; here only the row order matters: caption i -> [i]
     monkeypatch.setattr("minblip2.baselines.pooled_text_features",
                         lambda bert, tok, caps: torch.arange(len(caps)).float().unsqueeze(1))
     image_x, text_x = probe_training_pairs(data, None, None)
     assert image_x.shape[0] == text_x.shape[0] == 3 * n
     for j in idx.tolist():
-        assert torch.equal(image_x[j], emb[idx.tolist().index(j)][0])  # the [CLS] of the very image tokens trained on
+        assert torch.equal(image_x[j], emb[idx.tolist().index(j)][0])  # the [CLS] of the very tokens trained on
         assert text_x[j, 0] == j % n
