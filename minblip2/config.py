@@ -171,7 +171,7 @@ def cpu() -> Config:
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
                             pretrained_lr_scale=0.1, amp="bf16", itm_rerank_k=10, ckpt_every=100)
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
-                            amp="bf16", num_beams=3, max_new_tokens=20, ckpt_every=50)
+                            amp="bf16", num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3, ckpt_every=50)
     c.out_dir = "runs/coco-mini"
     return c
 
