@@ -43,7 +43,7 @@ def caption_grid(image_paths, generated, references=None, out_png=None, cols: in
 
     n = len(image_paths)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.2), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, path in enumerate(image_paths):

@@ -95,15 +95,15 @@ class QFormerLayer(nn.Module):
         self.query_ffn = FeedForward(H, cfg.intermediate_size, p, eps)
         self.text_ffn = FeedForward(H, cfg.intermediate_size, p, eps) if with_text else None
 
-    def forward(self, x, mask, num_queries: int, image_kv=None, prefix_kv=None):
+    def forward(self, x, mask, num_queries: int, image_embeds=None, prefix_kv=None, image_kv=None):
         """x (B, Q+T, H) with the first `num_queries` rows the queries (0 if they are cached in prefix_kv);
-        image_kv: this layer's cross-attention keys/values of the image (QFormer.image_kv)."""
+        image_embeds (B, N, Dv) the image tokens, or image_kv: their keys/values in this layer, computed before."""
         h, kv = self.self_attn(x, mask=mask, prefix_kv=prefix_kv)
         parts = []
         if num_queries > 0:
             hq = h[:, :num_queries]
             if self.cross_attn is not None:
-                hq, _ = self.cross_attn(hq, kv=image_kv)  # queries read the image
+                hq, _ = self.cross_attn(hq, context=image_embeds, kv=image_kv)  # queries read the image
             parts.append(self.query_ffn(hq))
         if h.shape[1] > num_queries:
             parts.append(self.text_ffn(h[:, num_queries:]))
@@ -188,9 +188,9 @@ class QFormer(nn.Module):
             prefix = query_cache[i] if query_cache is not None else None
             ikv = image_kv[i] if with_queries else None
             if self.cfg.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, attn_mask, Q, ikv, prefix, use_reentrant=False)
+                x, kv = checkpoint(layer, x, attn_mask, Q, None, prefix, ikv, use_reentrant=False)
             else:
-                x, kv = layer(x, attn_mask, Q, ikv, prefix)
+                x, kv = layer(x, attn_mask, Q, None, prefix, ikv)
             cache.append(kv)
         return (x, cache) if return_cache else x
 
