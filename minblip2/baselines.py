@@ -39,10 +39,9 @@ def pooled_text_features(bert, tokenizer, captions: list[str], batch_size: int =
 def probe_training_pairs(data, bert, tokenizer):
     """(image_x, text_x), one row per training sample of an ImageTextData: sample j is caption j % num_captions
     with its image seen through cached view j // num_captions -- the very pairs the Q-Former trains on."""
-    views = [data.features] + data.views
-    image_x = torch.cat([pooled_image_features(v)[data.row_of_caption] for v in views])
+    image_x = torch.cat([pooled_image_features(v)[data.row_of_caption] for v in data.all_views])
     text_x = pooled_text_features(bert, tokenizer, data.captions)
-    return image_x, text_x.repeat(len(views), 1)
+    return image_x, text_x.repeat(len(data.all_views), 1)
 
 
 class LinearProbe(nn.Module):

@@ -162,10 +162,11 @@ class QFormer(nn.Module):
         Returns hidden states (B, Q+T, H) -- (B, T, H) with a query_cache -- and, with return_cache, the
         per-layer (k, v) of this pass.
         """
+        with_queries = image_embeds is not None or image_kv is not None
         if image_embeds is not None:
-            image_kv = self.image_kv(image_embeds)
-        with_queries = image_kv is not None
-        B = image_kv[0][0].shape[0] if with_queries else input_ids.shape[0]  # layer 0 always has cross-attention
+            B = image_embeds.shape[0]
+        else:  # layer 0 always has cross-attention
+            B = image_kv[0][0].shape[0] if image_kv is not None else input_ids.shape[0]
         Q = self.cfg.num_queries if with_queries else 0
         P = query_cache[0][0].shape[2] if query_cache is not None else 0  # cached query count
         x = self.embed(B, with_queries, input_ids)
@@ -186,11 +187,13 @@ class QFormer(nn.Module):
         cache = []
         for i, layer in enumerate(self.layers):
             prefix = query_cache[i] if query_cache is not None else None
-            ikv = image_kv[i] if with_queries else None
+            ikv = image_kv[i] if image_kv is not None else None
+            # image tokens go into the layer as they are, so under gradient checkpointing their keys/values are
+            # recomputed in backward rather than kept
             if self.cfg.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, attn_mask, Q, None, prefix, ikv, use_reentrant=False)
+                x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, ikv, use_reentrant=False)
             else:
-                x, kv = layer(x, attn_mask, Q, None, prefix, ikv)
+                x, kv = layer(x, attn_mask, Q, image_embeds, prefix, ikv)
             cache.append(kv)
         return (x, cache) if return_cache else x
 

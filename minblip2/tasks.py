@@ -56,6 +56,11 @@ class ImageTextData:
         return len(self.captions)
 
     @property
+    def all_views(self) -> list:
+        """[center crops, augmented view 1, ...]: view v of sample j's image is all_views[v][row]."""
+        return [self.features] + self.views
+
+    @property
     def num_samples(self) -> int:
         return len(self.captions) * (1 + len(self.views))
 
@@ -64,7 +69,7 @@ class ImageTextData:
         view, idx = idx // len(self.captions), idx % len(self.captions)
         rows = self.row_of_caption[idx]
         if self.features is not None:
-            views = [self.features] + self.views
+            views = self.all_views
             # float32 before stacking: train() calls this under autocast, which rejects stacking float16 on a CPU
             emb = torch.stack([views[v][r].float() for v, r in zip(view.tolist(), rows.tolist())]).to(device)
         else:  # augment and encode now; the encoder is frozen, so no graph is kept
