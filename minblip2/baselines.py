@@ -36,10 +36,23 @@ def pooled_text_features(bert, tokenizer, captions: list[str], batch_size: int =
     return torch.cat(out)
 
 
-def probe_training_pairs(data, bert, tokenizer):
+def frozen_text_encoder(qcfg):
+    """The BERT (MiniLM) the Q-Former starts from, as a plain frozen transformers BertModel, and its tokenizer."""
+    from transformers import BertConfig, BertModel
+    from .backbones import load_bert
+    state, tokenizer = load_bert(qcfg)
+    bert = BertModel(BertConfig(hidden_size=qcfg.hidden_size, num_hidden_layers=qcfg.num_layers,
+                                num_attention_heads=qcfg.num_heads, intermediate_size=qcfg.intermediate_size),
+                     add_pooling_layer=False)
+    bert.load_state_dict(state, strict=False)
+    return bert.eval().requires_grad_(False), tokenizer
+
+
+def probe_training_pairs(data, bert, tokenizer, pool=pooled_image_features):
     """(image_x, text_x), one row per training sample of an ImageTextData: sample j is caption j % num_captions
-    with its image seen through cached view j // num_captions -- the very pairs the Q-Former trains on."""
-    image_x = torch.cat([pooled_image_features(v)[data.row_of_caption] for v in data.all_views])
+    with its image seen through cached view j // num_captions -- the very pairs the Q-Former trains on.
+    pool: (N, tokens, D) -> (N, D'), by default the [CLS] token."""
+    image_x = torch.cat([pool(v)[data.row_of_caption] for v in data.all_views])
     text_x = pooled_text_features(bert, tokenizer, data.captions)
     return image_x, text_x.repeat(len(data.all_views), 1)
 

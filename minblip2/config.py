@@ -31,6 +31,7 @@ class QFormerConfig:
     num_heads: int = 12
     intermediate_size: int = 1536
     num_queries: int = 32
+    query_init_std: float = 0.02  # BLIP-2's; the queries pass a LayerNorm first, so this only sets Adam's relative step
     cross_attention_freq: int = 2  # cross-attention in layers 0, freq, 2*freq, ...
     vision_width: int = 384  # width of the image tokens the queries cross-attend to
     embed_dim: int = 256  # ITC projection width
@@ -102,6 +103,7 @@ class Stage2Config(TrainConfig):
     min_lr: float = 5e-5
     max_steps: int = 80_000
     from_stage1: bool = True  # False: a randomly initialised Q-Former (the no-stage-1 ablation)
+    pretrained_lr_scale: float = 1.0  # lr multiplier for what stage 1 trained (ln_vision, Q-Former); paper: 1.0
     num_beams: int = 5
     max_new_tokens: int = 30
     no_repeat_ngram_size: int = 0  # captioning: > 0 forbids repeating any n-gram of this size (LAVIS: off)

@@ -128,7 +128,7 @@ class QFormer(nn.Module):
             for i in range(cfg.num_layers)
         )
         self.apply(init_bert_weights)
-        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.query_tokens, std=cfg.query_init_std)
 
     def embed(self, batch_size: int, with_queries: bool, input_ids=None):
         parts = []

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .backbones import load_bert, load_image_encoder
-from .baselines import (LinearProjectionModel, nearest_neighbour_captions, pooled_image_features,
+from .backbones import load_image_encoder
+from .baselines import (LinearProjectionModel, frozen_text_encoder, nearest_neighbour_captions, pooled_image_features,
                         pooled_text_features, probe_training_pairs, train_linear_probe)
 from .caption_eval import caption_metrics
 from .config import REPO_ROOT, Config, apply_overrides, get_preset
@@ -118,12 +118,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- linear probe (same data, same loss)
     t0 = time.time()
-    bert_state, _ = load_bert(cfg.qformer)
-    from transformers import BertConfig, BertModel
-    q = cfg.qformer
-    bert = BertModel(BertConfig(hidden_size=q.hidden_size, num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
-                                intermediate_size=q.intermediate_size), add_pooling_layer=False)
-    bert.load_state_dict(bert_state, strict=False)  # the frozen text encoder the Q-Former started from
+    bert, _ = frozen_text_encoder(cfg.qformer)  # the text encoder the Q-Former started from
     img_x, txt_x = probe_training_pairs(train_data, bert, tokenizer)
     probe, _ = train_linear_probe(img_x, txt_x, steps=cfg.stage1.max_steps, batch_size=cfg.stage1.batch_size,
                                   lr=cfg.stage1.lr, seed=cfg.stage1.seed)

@@ -83,6 +83,8 @@ class Stage2Model(nn.Module):
                 if k not in stage1_state:
                     raise KeyError(f"stage-1 state dict has no {k!r}: do the QFormerConfigs match?")
                 own[k].copy_(stage1_state[k])
+        # what stage 1 trained; build_optimizer scales their lr by Stage2Config.pretrained_lr_scale
+        self.pretrained_names = {n for n, _ in self.named_parameters() if n.startswith(("ln_vision.", "qformer."))}
         return self
 
     # ------------------------------------------------------------------ inputs

@@ -46,8 +46,8 @@ def lr_at(step: int, t: TrainConfig) -> float:
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms and scalars (the temperature) -- LAVIS's rule: ndim < 2.
 
-    Parameters named in `model.pretrained_names` (the Q-Former's BERT-initialised ones) learn at
-    lr * t.pretrained_lr_scale when the config has one (stage 1); 1.0 = one learning rate, as in the paper.
+    Parameters named in `model.pretrained_names` (stage 1: the Q-Former's BERT-initialised ones; stage 2: what
+    came from stage 1) learn at lr * t.pretrained_lr_scale; 1.0 = one learning rate, as in the paper.
     """
     slow = getattr(model, "pretrained_names", set())
     scale = getattr(t, "pretrained_lr_scale", 1.0)

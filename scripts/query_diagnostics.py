@@ -1,56 +1,71 @@
-"""What the stage-1 queries hand to stage 2, measured on 64 test images (run after `make run`):
+"""What the main job's Q-Formers do, measured on coco-mini test images (run after `make run`):
 
-    .venv/bin/python scripts/query_diagnostics.py [RUN_DIR]    # default runs/coco-mini
+    .venv/bin/python scripts/query_diagnostics.py [RUN_DIR]    # default runs/coco-mini, ~2 min
 
-- query-query cos: mean cosine between different queries of one image (1.000 = all queries output one vector);
-- image-image cos: mean cosine between different images (their query outputs averaged);
-- image-specific energy: the share of the outputs that is NOT common to all images.
+Stage 1 (64 images; minblip2/diagnostics.py says what each number means):
+- query-query cos (1.000 = all queries output one vector), image-image cos, image-specific energy;
+- per cross-attention layer: attention entropy (uniform over 257 tokens = 5.55), largest weight, weight on [CLS].
+Stage 2 (96 images, first caption each): caption loss with the right image vs another image's (`gap`: what
+the image is worth to the model, in nats), and the same query statistics for the soft prompt.
+Writes results/query-diagnostics.json.
 """
+import json
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minblip2 import config
 from minblip2.backbones import load_bert
 from minblip2.config import REPO_ROOT
+from minblip2.diagnostics import cross_attention_stats, image_use, query_stats
 from minblip2.run import TestSplit
 from minblip2.stage1 import Stage1Model
-from minblip2.tasks import build_stage1_model
+from minblip2.tasks import build_stage1_model, build_stage2_model
 from minblip2.train import latest_checkpoint, load_trainable_state
 
 RUN = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "runs" / "coco-mini"
 cfg = config.cpu()
-dev = torch.device("cpu")
 _, tok = load_bert(cfg.qformer)
-test = TestSplit(cfg, tok, dev)
+test = TestSplit(cfg, tok, torch.device("cpu"))
 x = test.features[:64].float()
+report = {"run": str(RUN), "stage1": {}, "stage2": {}}
 
 
-def stats(name, m):
+def weights(sub: str) -> dict:
+    return load_file(str(latest_checkpoint(RUN / sub / "checkpoints") / "model.safetensors"))
+
+
+def stage1(name: str, m: Stage1Model):
     m.eval()
     with torch.no_grad():
-        _, q = m.encode_image(x)  # (B, Q, H)
-    mean_q = q.mean(1)  # per-image
-    qq = F.cosine_similarity(q[:, :, None], q[:, None], dim=-1)
-    offdiag = qq[:, ~torch.eye(q.shape[1], dtype=torch.bool)].mean()
-    ii = F.cosine_similarity(mean_q[:, None], mean_q[None], dim=-1)
-    ii_off = ii[~torch.eye(len(ii), dtype=torch.bool)].mean()
-    centered = q - q.mean(0, keepdim=True)  # remove what all images share
-    frac = (centered.pow(2).sum() / q.pow(2).sum()).item()
-    print(f"{name:24} query-query cos {offdiag:.3f} | image-image cos {ii_off:.3f} | "
-          f"image-specific energy {100 * frac:.1f}% | norm {q.norm(dim=-1).mean():.1f}")
+        _, q = m.encode_image(x)
+    report["stage1"][name] = {**query_stats(q), "cross_attention": cross_attention_stats(m.qformer, m.ln_vision(x))}
+    print(name, json.dumps(report["stage1"][name]), flush=True)
 
 
 torch.manual_seed(0)
-rand = Stage1Model(cfg.qformer, cfg.stage1)
-stats("random init (no BERT)", rand)
+stage1("random init (no BERT)", Stage1Model(cfg.qformer, cfg.stage1))
 torch.manual_seed(0)
-fresh, _ = build_stage1_model(cfg)
-stats("BERT init, untrained", fresh)
-for d in ["stage1", "stage1_no_itg"]:
+stage1("BERT init, untrained", build_stage1_model(cfg)[0])
+for sub in ["stage1", "stage1_no_itg"]:
     m = Stage1Model(cfg.qformer, cfg.stage1)
-    load_trainable_state(m, load_file(str(latest_checkpoint(RUN / d / "checkpoints") / "model.safetensors")))
-    stats(f"trained {d}", m)
+    load_trainable_state(m, weights(sub))
+    stage1(f"trained {sub}", m)
+
+cfg.stage2.from_stage1 = False  # the weights come from each run's own checkpoint
+model = build_stage2_model(cfg)
+captions = [caps[0] for caps in test.captions[:96]]
+for sub in ["stage2", "stage2_no_stage1"]:
+    model.load_trainable_state_dict(weights(sub))
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        use = image_use(model, test.features[:96], captions)
+        prompt = model.visual_prompt(x)
+    report["stage2"][sub] = {**use, "prompt": query_stats(prompt)}
+    print(sub, json.dumps(report["stage2"][sub]), flush=True)
+
+out = REPO_ROOT / "results" / "query-diagnostics.json"
+out.write_text(json.dumps(report, indent=2) + "\n")
+print("wrote", out)

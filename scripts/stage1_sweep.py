@@ -24,6 +24,11 @@ ITC = "--stage1.losses=('itc',)"
 OLD = ["--stage1.lr=3e-4", "--qformer.text_pooling=cls", "--stage1.pretrained_lr_scale=1.0",
        "--data.augmented_views=0", "--qformer.attn_impl=sdpa"]
 NOW = [ITC, "--qformer.text_pooling=mean", "--stage1.pretrained_lr_scale=0.1", "--stage1.lr=1e-3"]
+CLS_ONLY = "cls_only"  # not config overrides: handled in run()
+POOL2 = "pool2"  # the 16x16 patch grid average-pooled 2x2 -> [CLS] + 64 tokens
+XQK3 = "xqk3"  # cross-attention query/key weights x3 after init: attention logits x9, less uniform at the start
+TWEAKS = (CLS_ONLY, POOL2, XQK3)
+V6 = ["--stage1.max_steps=300", "--data.augmented_views=6", "--qformer.attn_impl=math"]
 VARIANTS = {
     "itc_cls_3e4": [ITC],
     "itc_mean_3e4": [ITC, "--qformer.text_pooling=mean"],
@@ -34,28 +39,95 @@ VARIANTS = {
     # longer, without and with cached augmented views: does the Q-Former overfit 480 images?
     "itc_mean_1e3_s01_450": NOW + ["--stage1.max_steps=450"],
     "itc_mean_1e3_s01_450_views6": NOW + ["--stage1.max_steps=450", "--data.augmented_views=6"],
+    # the cpu preset's 300 steps with 6 views; then the BERT-initialised weights frozen (scale 0: only the
+    # queries, cross-attention, ln_vision and the projections learn; the text side is then the probe's MiniLM)
+    "itc_views6_300": NOW + V6,
+    "itc_views6_300_s0": NOW + V6 + ["--stage1.pretrained_lr_scale=0.0"],
+    "itc_views6_300_s001": NOW + V6 + ["--stage1.pretrained_lr_scale=0.01"],
+    # a diagnosis, not a recipe: the queries see ONLY DINOv2's [CLS] token (the probe's image input), so
+    # cross-attention has nothing to choose; is the gap to the probe in choosing where to look?
+    "itc_views6_300_cls_only": NOW + V6 + [CLS_ONLY],
+    # the queries pass a LayerNorm before anything reads them, so their init scale only sets how far one Adam
+    # step (~lr per coordinate) moves them relative to their size: 0.02 at lr 1e-3 is 5% per step
+    "itc_views6_300_qstd1": NOW + V6 + ["--qformer.query_init_std=1.0"],
+    "itc_views6_300_pool2": NOW + V6 + [POOL2],
+    "itc_views6_300_xqk3": NOW + V6 + [XQK3],
+    # the linear probe of the main job on other pooled image features: [CLS] (the main job's), the mean of the
+    # 256 patch tokens (what uniform cross-attention reads), both concatenated
+    "probe_cls": [], "probe_mean_patches": [], "probe_cls_and_mean": [],
 }
+POOLS = {"probe_cls": lambda f: f[:, 0].float(), "probe_mean_patches": lambda f: f[:, 1:].float().mean(1),
+         "probe_cls_and_mean": lambda f: torch.cat([f[:, 0].float(), f[:, 1:].float().mean(1)], -1)}
 STEPS = 150  # unless a variant says otherwise
 
 
 def run(name: str, overrides: list[str]) -> dict:
+    if name in POOLS:
+        return run_probe(POOLS[name])
     cfg = config.cpu()
     cfg.stage1.max_steps = STEPS
-    cfg = apply_overrides(cfg, OLD + overrides)
+    cfg = apply_overrides(cfg, OLD + [o for o in overrides if o not in TWEAKS])
     cfg.stage1.ckpt_every = 10**9  # one checkpoint, at the end
     run_dir = REPO_ROOT / "runs" / "stage1-sweep" / name
     device = torch.device("cpu")
     data = ImageTextData.build(cfg, "train", True, device)
+    data.features, data.views = _tokens(data.features, overrides), [_tokens(v, overrides) for v in data.views]
     model, tokenizer = build_stage1_model(cfg)
+    if XQK3 in overrides:
+        with torch.no_grad():
+            for layer in model.qformer.layers:
+                if layer.cross_attn is not None:
+                    layer.cross_attn.query.weight.mul_(3)
+                    layer.cross_attn.key.weight.mul_(3)
     t0 = time.time()
     task = StageTask(model, data, tokenizer, cfg.data.max_text_len, has_unused_parameters=True, stage=1)
     train(cfg, 1, task=task, resume=False, progress=True, run_dir=run_dir)
     seconds = round(time.time() - t0)
     test = TestSplit(cfg, tokenizer, device)
+    test.features = _tokens(test.features, overrides)
     k = cfg.stage1.itm_rerank_k if "itm" in cfg.stage1.losses else 0
     rerank, itc, _ = stage1_retrieval(model, test, k, device, cfg.stage1.amp)
     return {"overrides": OLD + overrides, "steps": cfg.stage1.max_steps, "train_seconds": seconds, "itc": itc,
-            "rerank": rerank, "train_loss_last10": _last10(run_dir)}
+            "rerank": rerank, "train_loss_last10": _last10(run_dir), "query_cos": _query_cos(model, test)}
+
+
+def run_probe(pool) -> dict:
+    """The main job's linear probe (same pairs, views, loss, steps, lr) on `pool`ed image tokens."""
+    from minblip2.baselines import frozen_text_encoder, pooled_text_features, probe_training_pairs, train_linear_probe
+    from minblip2.retrieval import recall_at_k
+    cfg, device = config.cpu(), torch.device("cpu")
+    data = ImageTextData.build(cfg, "train", True, device)
+    bert, tokenizer = frozen_text_encoder(cfg.qformer)
+    image_x, text_x = probe_training_pairs(data, bert, tokenizer, pool)
+    s1 = cfg.stage1
+    probe, _ = train_linear_probe(image_x, text_x, steps=s1.max_steps, batch_size=s1.batch_size, lr=s1.lr, seed=s1.seed)
+    test = TestSplit(cfg, tokenizer, device)
+    with torch.no_grad():
+        sim = (probe.encode_image(pool(test.features)).squeeze(1)
+               @ probe.encode_text(pooled_text_features(bert, tokenizer, test.flat_captions)).t())
+    return {"steps": s1.max_steps, "itc": recall_at_k(sim, sim.t(), test.text_to_image)}
+
+
+def _tokens(feats, overrides):
+    """The image tokens a variant's queries see: all 257, only [CLS], or [CLS] + 2x2-pooled patches."""
+    if CLS_ONLY in overrides:
+        return feats[:, :1]
+    if POOL2 in overrides:
+        B, N, D = feats.shape
+        g = int((N - 1) ** 0.5)
+        grid = feats[:, 1:].float().view(B, g, g, D).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+        return torch.cat([feats[:, :1].float(), pooled], 1).to(feats.dtype)
+    return feats
+
+
+@torch.no_grad()
+def _query_cos(model, test) -> float:
+    """Mean cosine between different queries' outputs for one image (1.0 = the queries collapsed to one vector)."""
+    model.eval()
+    _, q = model.encode_image(test.features[:64].float())
+    cos = torch.nn.functional.cosine_similarity(q[:, :, None], q[:, None], dim=-1)
+    return round(cos[:, ~torch.eye(q.shape[1], dtype=torch.bool)].mean().item(), 3)
 
 
 def _last10(run_dir) -> float:

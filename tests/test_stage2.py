@@ -281,6 +281,19 @@ def test_from_stage1_copies_the_query_path(tok):
     assert torch.equal(m.qformer(m.ln_vision(img)), s1.qformer(s1.ln_vision(img)))
 
 
+def test_stage2_lr_scale_slows_only_what_stage1_trained(tok):
+    from minblip2.config import Stage2Config
+    from minblip2.train import build_optimizer
+    m = make("opt", tok)
+    t = Stage2Config(pretrained_lr_scale=0.1)
+    assert {g["lr_scale"] for g in build_optimizer(m, t).param_groups} == {1.0}  # a fresh Q-Former: one lr
+    m.from_stage1(Stage1Model(QFormerConfig(**TINY)).state_dict())
+    scale = {id(p): g["lr_scale"] for g in build_optimizer(m, t).param_groups for p in g["params"]}
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            assert scale[id(p)] == (0.1 if n.startswith(("qformer.", "ln_vision.")) else 1.0), n
+
+
 # ----------------------------------------------------------------------------- the real LLM
 
 

@@ -1,0 +1,82 @@
+"""Three measurements that say what a trained Q-Former does, beyond its scores.
+
+- `query_stats`: do the queries say different things (query-query cosine), and how much of what they say is
+  about the particular image (image-specific energy)?
+- `cross_attention_stats`: where do the queries look? Attention entropy per cross-attention layer, the
+  largest weight, and the weight on token 0 (the ViT's [CLS], the global summary a linear probe reads).
+- `image_use`: does a stage-2 model read the image? Its caption loss with each image's own tokens against
+  the same captions with another image's tokens (a model that ignores the image scores them the same).
+
+Used by scripts/query_diagnostics.py and the sweeps in scripts/; shapes: B images, Q queries, N image tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def query_stats(q: torch.Tensor) -> dict[str, float]:
+    """q (B, Q, H) query outputs of B images -> mean query-query cosine within an image (1.0 = one vector
+    repeated Q times), mean image-image cosine (of the per-image mean), and the share of energy that is NOT
+    common to all B images (0 = every image gets the same queries)."""
+    q = q.float()
+    off_q = ~torch.eye(q.shape[1], dtype=torch.bool)
+    qq = F.cosine_similarity(q[:, :, None], q[:, None], dim=-1)[:, off_q].mean()
+    m = q.mean(1)
+    ii = F.cosine_similarity(m[:, None], m[None], dim=-1)[~torch.eye(len(m), dtype=torch.bool)].mean()
+    specific = (q - q.mean(0, keepdim=True)).pow(2).sum() / q.pow(2).sum()
+    return {"query_cos": round(qq.item(), 3), "image_cos": round(ii.item(), 3),
+            "image_specific_energy": round(specific.item(), 3)}
+
+
+@torch.no_grad()
+def cross_attention_stats(qformer, image_tokens: torch.Tensor) -> list[dict[str, float]]:
+    """Run the Q-Former's queries on image_tokens (B, N, Dv), already through ln_vision, and return per
+    cross-attention layer: mean entropy of the queries' attention over the N tokens (uniform = log N), mean
+    largest weight (uniform = 1/N), mean weight on token 0 ([CLS])."""
+    stats = []
+
+    def hook(attn, args, kwargs, out):
+        q = attn.split(attn.query(args[0]))
+        k = kwargs["kv"][0] if kwargs.get("kv") is not None else attn.split(attn.key(kwargs["context"]))
+        a = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)  # (B, heads, Q, N)
+        stats.append({"entropy": round(-(a * a.clamp_min(1e-12).log()).sum(-1).mean().item(), 2),
+                      "uniform_entropy": round(math.log(a.shape[-1]), 2),
+                      "max_weight": round(a.amax(-1).mean().item(), 4),
+                      "cls_weight": round(a[..., 0].mean().item(), 4)})
+
+    layers = [layer.cross_attn for layer in qformer.layers if layer.cross_attn is not None]
+    handles = [attn.register_forward_hook(hook, with_kwargs=True) for attn in layers]
+    was_training = qformer.training
+    qformer.eval()
+    try:
+        qformer(image_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        qformer.train(was_training)
+    return stats
+
+
+@torch.no_grad()
+def image_use(model, image_tokens: torch.Tensor, captions: list[str], batch_size: int = 16) -> dict[str, float]:
+    """A Stage2Model's mean caption loss with the right images, and with the images rolled by one (each caption
+    paired with another image). `gap` = shuffled - matched: how many nats the image is worth to the model.
+    Call it under the autocast the model trained with (a bf16 LLM expects it)."""
+    was_training = model.training
+    model.eval()
+    n = len(captions)
+    other = torch.roll(torch.arange(n), 1)
+    out = {}
+    for name, feats in [("matched", image_tokens), ("shuffled", image_tokens[other])]:
+        total = 0.0
+        for i in range(0, n, batch_size):
+            caps = captions[i:i + batch_size]
+            total += model(feats[i:i + batch_size].float(), caps)["loss"].item() * len(caps)
+        out[name] = round(total / n, 3)
+    model.train(was_training)
+    out["gap"] = round(out["shuffled"] - out["matched"], 3)
+    return out
