@@ -14,6 +14,7 @@ import torch
 
 from minblip2 import config
 from minblip2.config import REPO_ROOT, apply_overrides
+from minblip2.diagnostics import query_stats
 from minblip2.run import TestSplit, stage1_retrieval
 from minblip2.tasks import ImageTextData, StageTask, build_stage1_model
 from minblip2.train import train
@@ -126,8 +127,7 @@ def _query_cos(model, test) -> float:
     """Mean cosine between different queries' outputs for one image (1.0 = the queries collapsed to one vector)."""
     model.eval()
     _, q = model.encode_image(test.features[:64].float())
-    cos = torch.nn.functional.cosine_similarity(q[:, :, None], q[:, None], dim=-1)
-    return round(cos[:, ~torch.eye(q.shape[1], dtype=torch.bool)].mean().item(), 3)
+    return query_stats(q)["query_cos"]
 
 
 def _last10(run_dir) -> float:

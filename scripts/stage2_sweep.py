@@ -20,6 +20,7 @@ from minblip2.diagnostics import image_use
 from minblip2.run import TestSplit, generate_captions
 from minblip2.tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
 from minblip2.train import train
+from stage1_sweep import _last10  # scripts/ is on the path when this file runs
 
 VARIANTS = {
     "s1_lr3e4": [],
@@ -55,13 +56,6 @@ def run(name: str, overrides: list[str]) -> dict:
     return {"overrides": overrides, "steps": cfg.stage2.max_steps, "train_seconds": seconds,
             "metrics": {k: round(v, 2) for k, v in metrics.items()}, "train_loss_last10": _last10(run_dir),
             "distinct_captions": len(set(preds)), "examples": preds[:4], "image_use": use}
-
-
-def _last10(run_dir) -> float:
-    import csv
-    with open(run_dir / "log.csv") as f:
-        rows = list(csv.DictReader(f))
-    return round(sum(float(r["loss"]) for r in rows[-10:]) / len(rows[-10:]), 3)
 
 
 def main(names):
