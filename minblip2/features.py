@@ -45,12 +45,10 @@ def encode_images(encoder, image_paths: list[str], batch_size: int = 32, device=
     ds = ImageDataset(image_paths, make(encoder.img_size, encoder.mean, encoder.std))
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_stack)
     out = []
-    use_amp = amp in ("bf16", "fp16")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     with torch.random.fork_rng(devices=[]):  # the crops' seed must not disturb the caller's random state
         torch.manual_seed(view)
         for images in dist.progress_bar(dl, progress, desc=f"image features (view {view})" if view else "image features"):
-            with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=use_amp):
+            with dist.autocast(amp, device):
                 out.append(encoder(images.to(device)).float().half().cpu())
     return torch.cat(out)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .dist import progress_bar
+from . import dist
 from .losses import itc_similarities
 
 
@@ -26,8 +26,7 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
     """
     model.eval()
     dev = torch.device(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    autocast = dist.autocast(amp, dev)
     to = lambda x: x.to(dev)  # noqa: E731
     with autocast:
         img_feats = _batched(lambda e: model.encode_image(to(e).float())[0].float().cpu(), len(image_embeds),
@@ -45,7 +44,7 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
         top_sim, top_idx = sim.topk(kk, dim=1)
         pairs = [(q, c) for q in range(sim.shape[0]) for c in top_idx[q].tolist()]
         out = []
-        bar = progress_bar(range(0, len(pairs), batch_size), progress, desc="ITM re-rank", leave=False)
+        bar = dist.progress_bar(range(0, len(pairs), batch_size), progress, desc="ITM re-rank", leave=False)
         for s in bar:
             chunk = pairs[s:s + batch_size]
             im = torch.tensor([q if query_is_image else c for q, c in chunk])

@@ -69,10 +69,9 @@ def stage1_retrieval(model, test: TestSplit, k: int, device, amp: str):
 def generate_captions(model, features, batch_size: int, num_beams: int, max_new_tokens: int, device, amp: str,
                       no_repeat_ngram_size: int = 0):
     model.eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     out = []
     for i in dist.progress_bar(range(0, len(features), batch_size), desc="captions", leave=False):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with dist.autocast(amp, device):
             out += model.generate(features[i:i + batch_size].to(device).float(), num_beams=num_beams,
                                   max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
     return out

@@ -212,7 +212,6 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     ckpt_root = run_dir / "checkpoints"
     optimizer = build_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
 
     start = 0
     if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
@@ -246,7 +245,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
             sync = micro == t.grad_accum - 1 or dist.world_size() == 1
             ctx = nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()
             with ctx:
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with dist.autocast(t.amp, device):
                     out = task.loss(train_model, mb, device)
                 loss = out["loss"]
                 if not torch.isfinite(loss):

@@ -53,6 +53,9 @@ VARIANTS = {
     "itc_views6_300_qstd1": NOW + V6 + ["--qformer.query_init_std=1.0"],
     "itc_views6_300_pool2": NOW + V6 + [POOL2],
     "itc_views6_300_xqk3": NOW + V6 + [XQK3],
+    # generation alone (no contrastive loss): do its queries stay apart? (scripts/stage2_sweep.py s1itg_120
+    # starts stage 2 from this run)
+    "itg_views6_300": [o for o in NOW if o != ITC] + ["--stage1.losses=('itg',)"] + V6,
     # the linear probe of the main job on other pooled image features: [CLS] (the main job's), the mean of the
     # 256 patch tokens (what uniform cross-attention reads), both concatenated
     "probe_cls": [], "probe_mean_patches": [], "probe_cls_and_mean": [],

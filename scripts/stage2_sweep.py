@@ -5,7 +5,8 @@ differ in one setting, each scored on the test split with the main job's caption
     .venv/bin/python scripts/stage2_sweep.py s1_lr1e3          # just one
 
 Variants "s1_*" start from the main job's stage-1 checkpoint (runs/coco-mini/stage1: run `make run` first),
-"nos1_*" from a randomly initialised Q-Former. Writes results/stage2-sweep.json (one entry per variant).
+"nos1_*" from a randomly initialised Q-Former, "s1itg_*" from a stage-1 sweep run (OTHER_STAGE1). Writes
+results/stage2-sweep.json (one entry per variant).
 """
 import json
 import sys
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from minblip2 import config
+from minblip2 import config, dist
 from minblip2.caption_eval import caption_metrics
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.diagnostics import image_use
@@ -22,8 +23,11 @@ from minblip2.tasks import ImageTextData, StageTask, build_stage1_model, build_s
 from minblip2.train import train
 from stage1_sweep import _last10  # scripts/ is on the path when this file runs
 
+# not config overrides: handled in run()
+ZERO_PROJ, QUERY_BIAS, BIAS_INIT, NO_IMAGE = "zero_proj", "query_bias", "bias_init", "no_image"
+TWEAKS = (ZERO_PROJ, QUERY_BIAS, BIAS_INIT, NO_IMAGE)
 VARIANTS = {
-    "s1_lr3e4": [],
+    "s1_lr3e4": [],  # = the main job's minblip2 and no_stage1 rows (results/coco-mini.json)
     "nos1_lr3e4": ["--stage2.from_stage1=False"],
     "s1_lr1e3": ["--stage2.lr=1e-3"],
     "nos1_lr1e3": ["--stage2.from_stage1=False", "--stage2.lr=1e-3"],
@@ -32,26 +36,64 @@ VARIANTS = {
     # four times the main job's stage 2: does either start reading the image?
     "s1_480": ["--stage2.max_steps=480"],
     "nos1_480": ["--stage2.from_stage1=False", "--stage2.max_steps=480"],
+    # the main job's 120 steps from a stage 1 trained with ITG alone (scripts/stage1_sweep.py itg_views6_300)
+    "s1itg_120": [],
+    # diagnoses, not recipes (handled in run()): llm_proj's weight starts at zero, so the LLM first sees a
+    # constant prompt and the image enters as training finds it useful; a learned per-query vector added
+    # after llm_proj, so collapsed queries can still give the LLM 16 different prompt tokens
+    "s1_zero_proj": [ZERO_PROJ],
+    "s1_query_bias": [QUERY_BIAS],
+    # the same vectors started at the LLM's token-embedding scale (a zero start barely moves at lr 3e-4)
+    "s1_query_bias_init": [QUERY_BIAS, BIAS_INIT],
+    # every image's tokens replaced by zeros (train and test): what stage 2 learns with no image at all
+    "nos1_no_image": ["--stage2.from_stage1=False", NO_IMAGE],
 }
 STAGE1_DIR = REPO_ROOT / "runs" / "coco-mini" / "stage1"
+OTHER_STAGE1 = {"s1itg_120": REPO_ROOT / "runs" / "stage1-sweep" / "itg_views6_300"}
+
+
+class ProjWithQueryBias(torch.nn.Module):
+    def __init__(self, proj: torch.nn.Linear, num_queries: int):
+        super().__init__()
+        self.proj = proj
+        self.query_bias = torch.nn.Parameter(torch.zeros(num_queries, proj.out_features))
+
+    @property
+    def weight(self):  # Stage2Model reads llm_proj.weight for its device
+        return self.proj.weight
+
+    def forward(self, q):  # (B, Q, H) -> (B, Q, D)
+        return self.proj(q) + self.query_bias
 
 
 def run(name: str, overrides: list[str]) -> dict:
-    cfg = apply_overrides(config.cpu(), overrides)
+    cfg = apply_overrides(config.cpu(), [o for o in overrides if o not in TWEAKS])
     cfg.stage2.ckpt_every = 10**9  # one checkpoint, at the end
     run_dir = REPO_ROOT / "runs" / "stage2-sweep" / name
     device = torch.device("cpu")
     data = ImageTextData.build(cfg, "train", True, device)
-    model = build_stage2_model(cfg, stage1_dir=STAGE1_DIR if cfg.stage2.from_stage1 else None)
+    if NO_IMAGE in overrides:
+        data.features, data.views = torch.zeros_like(data.features), [torch.zeros_like(v) for v in data.views]
+    stage1_dir = OTHER_STAGE1.get(name, STAGE1_DIR) if cfg.stage2.from_stage1 else None
+    model = build_stage2_model(cfg, stage1_dir=stage1_dir)
+    if ZERO_PROJ in overrides:
+        torch.nn.init.zeros_(model.llm_proj.weight)
+    if QUERY_BIAS in overrides:
+        model.llm_proj = ProjWithQueryBias(model.llm_proj, cfg.qformer.num_queries)
+        if BIAS_INIT in overrides:
+            with torch.no_grad():
+                model.llm_proj.query_bias.normal_(0, model.llm.get_input_embeddings().weight.float().std().item())
     t0 = time.time()
     train(cfg, 2, task=StageTask(model, data, stage=2), resume=False, progress=True, run_dir=run_dir)
     seconds = round(time.time() - t0)
     _, tokenizer = build_stage1_model(cfg)
     test = TestSplit(cfg, tokenizer, device)
+    if NO_IMAGE in overrides:
+        test.features = torch.zeros_like(test.features)
     preds = generate_captions(model, test.features, 16, cfg.stage2.num_beams, cfg.stage2.max_new_tokens, device,
                               cfg.stage2.amp, cfg.stage2.no_repeat_ngram_size)
     metrics = caption_metrics(dict(zip(test.image_ids, preds)), dict(zip(test.image_ids, test.captions)))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the cpu preset's amp
+    with dist.autocast(cfg.stage2.amp, device):
         use = image_use(model, test.features[:96], [caps[0] for caps in test.captions[:96]])
     return {"overrides": overrides, "steps": cfg.stage2.max_steps, "train_seconds": seconds,
             "metrics": {k: round(v, 2) for k, v in metrics.items()}, "train_loss_last10": _last10(run_dir),

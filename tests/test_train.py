@@ -251,6 +251,17 @@ def test_lr_schedule():
     assert max(lr_at(s, t) for s in range(200)) == pytest.approx(t.lr)
 
 
+def test_autocast_follows_the_amp_setting_and_rejects_typos():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with dist.autocast("bf16", "cpu"):
+        assert lin(x).dtype == torch.bfloat16
+    with dist.autocast("none", torch.device("cpu")):
+        assert lin(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="bf61"):
+        dist.autocast("bf61", "cpu")
+
+
 def test_batch_indices_epochs_purity_and_ranks(monkeypatch):
     n, gb = 83, 8  # 10 full batches per epoch; the last 3 samples of each epoch's order are dropped
     for epoch in range(2):
