@@ -24,8 +24,8 @@ from minblip2.train import train
 from stage1_sweep import _last10  # scripts/ is on the path when this file runs
 
 # not config overrides: handled in run()
-ZERO_PROJ, QUERY_BIAS, BIAS_INIT, NO_IMAGE = "zero_proj", "query_bias", "bias_init", "no_image"
-TWEAKS = (ZERO_PROJ, QUERY_BIAS, BIAS_INIT, NO_IMAGE)
+ZERO_PROJ, QUERY_BIAS, BIAS_INIT, NO_IMAGE, BERT = "zero_proj", "query_bias", "bias_init", "no_image", "bert"
+TWEAKS = (ZERO_PROJ, QUERY_BIAS, BIAS_INIT, NO_IMAGE, BERT)
 VARIANTS = {
     "s1_lr3e4": [],  # = the main job's minblip2 and no_stage1 rows (results/coco-mini.json)
     "nos1_lr3e4": ["--stage2.from_stage1=False"],
@@ -47,6 +47,10 @@ VARIANTS = {
     "s1_query_bias_init": [QUERY_BIAS, BIAS_INIT],
     # every image's tokens replaced by zeros (train and test): what stage 2 learns with no image at all
     "nos1_no_image": ["--stage2.from_stage1=False", NO_IMAGE],
+    # no stage 1, but the Q-Former initialised from BERT (MiniLM) as stage 1 starts it (fresh queries and
+    # cross-attention): is it stage-1 TRAINING that slows stage 2, or the BERT weights?
+    "bert_120": ["--stage2.from_stage1=False", BERT],
+    "bert_480": ["--stage2.from_stage1=False", BERT, "--stage2.max_steps=480"],
 }
 STAGE1_DIR = REPO_ROOT / "runs" / "coco-mini" / "stage1"
 OTHER_STAGE1 = {"s1itg_120": REPO_ROOT / "runs" / "stage1-sweep" / "itg_views6_300"}
@@ -76,6 +80,8 @@ def run(name: str, overrides: list[str]) -> dict:
         data.features, data.views = torch.zeros_like(data.features), [torch.zeros_like(v) for v in data.views]
     stage1_dir = OTHER_STAGE1.get(name, STAGE1_DIR) if cfg.stage2.from_stage1 else None
     model = build_stage2_model(cfg, stage1_dir=stage1_dir)
+    if BERT in overrides:
+        model.from_stage1(build_stage1_model(cfg)[0].state_dict())  # an untrained, BERT-initialised Stage1Model
     if ZERO_PROJ in overrides:
         torch.nn.init.zeros_(model.llm_proj.weight)
     if QUERY_BIAS in overrides:
