@@ -5,8 +5,9 @@ differ in one setting, each scored on the test split with the main job's caption
     .venv/bin/python scripts/stage2_sweep.py s1_lr1e3          # just one
 
 Variants "s1_*" start from the main job's stage-1 checkpoint (runs/coco-mini/stage1: run `make run` first),
-"nos1_*" from a randomly initialised Q-Former, "s1itg_*" from a stage-1 sweep run (OTHER_STAGE1). Writes
-results/stage2-sweep.json (one entry per variant).
+"nos1_*" from a randomly initialised Q-Former, "bert_*" from an untrained BERT-initialised one (how stage 1
+starts), "s1itg_*" from a stage-1 sweep run (OTHER_STAGE1). Writes results/stage2-sweep.json (one entry per
+variant).
 """
 import json
 import sys
