@@ -65,6 +65,19 @@ def stage1_retrieval(model, test: TestSplit, k: int, device, amp: str):
     return recall_at_k(i2t, t2i, test.text_to_image), recall_at_k(itc, itc.t(), test.text_to_image), t2i
 
 
+def linear_probe_retrieval(cfg: Config, train_data: ImageTextData, test: TestSplit, pool=pooled_image_features):
+    """The CLIP-style baseline: a linear probe on `pool`ed frozen image tokens ([CLS] by default) and the frozen
+    text encoder the Q-Former started from, trained on stage 1's pairs, views, loss, steps and lr; test R@K."""
+    bert, tokenizer = frozen_text_encoder(cfg.qformer)
+    img_x, txt_x = probe_training_pairs(train_data, bert, tokenizer, pool)
+    s1 = cfg.stage1
+    probe, _ = train_linear_probe(img_x, txt_x, steps=s1.max_steps, batch_size=s1.batch_size, lr=s1.lr, seed=s1.seed)
+    with torch.no_grad():
+        sim = (probe.encode_image(pool(test.features)).squeeze(1)
+               @ probe.encode_text(pooled_text_features(bert, tokenizer, test.flat_captions)).t())
+    return recall_at_k(sim, sim.t(), test.text_to_image)
+
+
 @torch.no_grad()
 def generate_captions(model, features, batch_size: int, num_beams: int, max_new_tokens: int, device, amp: str,
                       no_repeat_ngram_size: int = 0):
@@ -117,14 +130,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- linear probe (same data, same loss)
     t0 = time.time()
-    bert, _ = frozen_text_encoder(cfg.qformer)  # the text encoder the Q-Former started from
-    img_x, txt_x = probe_training_pairs(train_data, bert, tokenizer)
-    probe, _ = train_linear_probe(img_x, txt_x, steps=cfg.stage1.max_steps, batch_size=cfg.stage1.batch_size,
-                                  lr=cfg.stage1.lr, seed=cfg.stage1.seed)
-    with torch.no_grad():
-        sim = (probe.encode_image(pooled_image_features(test.features)).squeeze(1)
-               @ probe.encode_text(pooled_text_features(bert, tokenizer, test.flat_captions)).t())
-    results["stage1"]["linear_probe"] = recall_at_k(sim, sim.t(), test.text_to_image)
+    results["stage1"]["linear_probe"] = linear_probe_retrieval(cfg, train_data, test)
     tick("linear_probe", t0)
     _save(out, results, cfg, timings)
 

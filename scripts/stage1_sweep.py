@@ -15,7 +15,8 @@ import torch
 from minblip2 import config
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.diagnostics import query_stats
-from minblip2.run import TestSplit, stage1_retrieval
+from minblip2.baselines import pooled_image_features
+from minblip2.run import TestSplit, linear_probe_retrieval, stage1_retrieval
 from minblip2.tasks import ImageTextData, StageTask, build_stage1_model
 from minblip2.train import train
 
@@ -60,7 +61,7 @@ VARIANTS = {
     # 256 patch tokens (what uniform cross-attention reads), both concatenated
     "probe_cls": [], "probe_mean_patches": [], "probe_cls_and_mean": [],
 }
-POOLS = {"probe_cls": lambda f: f[:, 0].float(), "probe_mean_patches": lambda f: f[:, 1:].float().mean(1),
+POOLS = {"probe_cls": pooled_image_features, "probe_mean_patches": lambda f: f[:, 1:].float().mean(1),
          "probe_cls_and_mean": lambda f: torch.cat([f[:, 0].float(), f[:, 1:].float().mean(1)], -1)}
 STEPS = 150  # unless a variant says otherwise
 
@@ -97,19 +98,11 @@ def run(name: str, overrides: list[str]) -> dict:
 
 def run_probe(pool) -> dict:
     """The main job's linear probe (same pairs, views, loss, steps, lr) on `pool`ed image tokens."""
-    from minblip2.baselines import frozen_text_encoder, pooled_text_features, probe_training_pairs, train_linear_probe
-    from minblip2.retrieval import recall_at_k
     cfg, device = config.cpu(), torch.device("cpu")
     data = ImageTextData.build(cfg, "train", True, device)
-    bert, tokenizer = frozen_text_encoder(cfg.qformer)
-    image_x, text_x = probe_training_pairs(data, bert, tokenizer, pool)
-    s1 = cfg.stage1
-    probe, _ = train_linear_probe(image_x, text_x, steps=s1.max_steps, batch_size=s1.batch_size, lr=s1.lr, seed=s1.seed)
-    test = TestSplit(cfg, tokenizer, device)
-    with torch.no_grad():
-        sim = (probe.encode_image(pool(test.features)).squeeze(1)
-               @ probe.encode_text(pooled_text_features(bert, tokenizer, test.flat_captions)).t())
-    return {"steps": s1.max_steps, "itc": recall_at_k(sim, sim.t(), test.text_to_image)}
+    _, tokenizer = build_stage1_model(cfg)
+    return {"steps": cfg.stage1.max_steps,
+            "itc": linear_probe_retrieval(cfg, data, TestSplit(cfg, tokenizer, device), pool)}
 
 
 def _tokens(feats, overrides):

@@ -79,10 +79,10 @@ def run(name: str, overrides: list[str]) -> dict:
     data = ImageTextData.build(cfg, "train", True, device)
     if NO_IMAGE in overrides:
         data.features, data.views = torch.zeros_like(data.features), [torch.zeros_like(v) for v in data.views]
-    stage1_dir = OTHER_STAGE1.get(name, STAGE1_DIR) if cfg.stage2.from_stage1 else None
-    model = build_stage2_model(cfg, stage1_dir=stage1_dir)
+    model = build_stage2_model(cfg, stage1_dir=OTHER_STAGE1.get(name, STAGE1_DIR))  # unused if not from_stage1
+    untrained_stage1, tokenizer = build_stage1_model(cfg)  # BERT-initialised, as stage 1 starts
     if BERT in overrides:
-        model.from_stage1(build_stage1_model(cfg)[0].state_dict())  # an untrained, BERT-initialised Stage1Model
+        model.from_stage1(untrained_stage1.state_dict())
     if ZERO_PROJ in overrides:
         torch.nn.init.zeros_(model.llm_proj.weight)
     if QUERY_BIAS in overrides:
@@ -93,7 +93,6 @@ def run(name: str, overrides: list[str]) -> dict:
     t0 = time.time()
     train(cfg, 2, task=StageTask(model, data, stage=2), resume=False, progress=True, run_dir=run_dir)
     seconds = round(time.time() - t0)
-    _, tokenizer = build_stage1_model(cfg)
     test = TestSplit(cfg, tokenizer, device)
     if NO_IMAGE in overrides:
         test.features = torch.zeros_like(test.features)
