@@ -177,6 +177,20 @@ def test_generate_batched_equals_one_by_one(kind, tok):
     assert len(beams) == 3 and all(isinstance(s, str) for s in beams)
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_generate_with_an_empty_prompt_and_no_bos(kind, tok):
+    """LAVIS's stage-2 pretraining prompt is "": with a tokenizer that adds no BOS (SmolLM2's) the LLM input is
+    the queries alone, and the text the LLM continues from them."""
+    m = make(kind, tok, prompt="", add_bos=False).eval()
+    img = images(2)
+    out = m.generate(img, num_beams=1, max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    with torch.no_grad():  # the first new token is the LLM's choice after the last query
+        first = m.llm(inputs_embeds=m.visual_prompt(img[:1])).logits[0, -1].argmax()
+    assert m.generate(img[:1], num_beams=1, max_new_tokens=1)[0] == tok.decode([first], skip_special_tokens=True)
+    assert m.generate(img, prompt=["", "a photo of"], num_beams=1, max_new_tokens=4)[0] == out[0]
+
+
 def test_greedy_generate_matches_a_hand_loop(tok):
     """generate(inputs_embeds=...) returns only the NEW tokens, continuing [queries | BOS | prompt]."""
     m = make("llama", tok).eval()
