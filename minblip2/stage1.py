@@ -97,6 +97,7 @@ class Stage1Model(nn.Module):
         # the image's keys/values in every cross-attention layer: computed once, read by ITC and ITM
         # (projecting 257 image tokens is most of the cost of a query pass)
         image_kv = self.qformer.image_kv(img)
+        ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None  # the global batch's
         out = {}
 
         # ITC: queries and text in one pass under the unimodal mask (same as two separate passes)
@@ -107,15 +108,14 @@ class Stage1Model(nn.Module):
         if self.scfg.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp,
-                                                      self.scfg.label_smoothing, self.scfg.itc_gather_grad)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp, self.scfg.label_smoothing,
+                                                      self.scfg.itc_gather_grad, image_ids, ids_all)
         total = 0.0
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
 
         if "itm" in use:
-            ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
             if dist.world_size() == 1:  # every negative image is in this batch: its keys/values exist already
                 neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
