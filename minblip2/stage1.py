@@ -38,6 +38,20 @@ class LMHead(nn.Module):
     def forward(self, h):
         return F.linear(self.norm(F.gelu(self.dense(h))), self.word_embeddings.weight, self.bias)
 
+    @torch.no_grad()
+    def load_bert(self, bert_state: dict[str, torch.Tensor]) -> bool:
+        """Start from BERT's masked-LM head (`cls.predictions.*`) if the checkpoint has one (as LAVIS does); the
+        decoder needs nothing, it is the word embeddings. Returns whether it was there."""
+        p = "cls.predictions."
+        if p + "bias" not in bert_state:
+            return False
+        for ours, theirs in ((self.dense, "transform.dense"), (self.norm, "transform.LayerNorm")):
+            ours.weight.copy_(bert_state[f"{p}{theirs}.weight"])
+            ours.bias.copy_(bert_state[f"{p}{theirs}.bias"])
+        bias = bert_state[p + "bias"]
+        self.bias[: len(bias)].copy_(bias)  # the [DEC] row keeps its 0: [DEC] is never predicted
+        return True
+
 
 class Stage1Model(nn.Module):
     def __init__(self, qcfg: QFormerConfig, scfg: Stage1Config | None = None):

@@ -112,6 +112,8 @@ def build_stage1_model(cfg: Config):
         fresh = set(load_bert_weights(model.qformer, bert_state))
         # what BERT initialised may learn more slowly (Stage1Config.pretrained_lr_scale, see train.build_optimizer)
         model.pretrained_names = {f"qformer.{n}" for n, _ in model.qformer.named_parameters() if n not in fresh}
+        if model.lm_head.load_bert(bert_state):  # BERT's masked-LM head, where the checkpoint has one
+            model.pretrained_names |= {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}
     return model, tokenizer
 
 
