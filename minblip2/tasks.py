@@ -11,7 +11,7 @@ import torch
 
 from .backbones import load_bert, load_image_encoder, load_llm
 from .config import Config
-from .data import load_coco, load_image, tokenize, train_transform
+from .data import load_coco, load_image, pre_caption, tokenize, train_transform
 from .features import cached_features
 from .qformer import load_bert_weights
 from .stage1 import Stage1Model
@@ -101,7 +101,7 @@ class StageTask:
         if self.stage == 1:
             tok = tokenize(self.tokenizer, caps, self.max_text_len)
             return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids)
-        return model(emb, caps)
+        return model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
 
 
 def build_stage1_model(cfg: Config):

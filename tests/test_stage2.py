@@ -280,6 +280,21 @@ def test_caption_metrics_without_java(monkeypatch):
         caption_metrics({1: "a dog"}, {1: ["a dog"]})
 
 
+def test_stage2_trains_on_captions_cleaned_like_stage1():
+    """pre_caption (lowercase, no .!"()*#:;~) cleans stage 2's training captions too, as LAVIS does for both
+    stages; evaluation references stay raw (COCO's evaluation tokenises them itself)."""
+    from minblip2.tasks import StageTask
+
+    class Data:
+        def batch(self, idx, device):
+            return torch.zeros(2, 5, 24), ["A Dog, RUNNING on the grass!", "Two cats (asleep)."], torch.tensor([1, 2])
+
+    seen = []
+    task = StageTask(lambda emb, caps: seen.extend(caps) or {}, Data(), stage=2)
+    task.loss(task.model, torch.arange(2), "cpu")
+    assert seen == ["a dog, running on the grass", "two cats asleep"]
+
+
 # ----------------------------------------------------------------------------- (g) stage 1 -> stage 2
 
 
