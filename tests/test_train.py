@@ -347,6 +347,14 @@ def test_retrieval_rerank_only_reorders_the_top_k():
         assert t2i[t].argsort(descending=True).tolist() == [1, 2, 0]
 
 
+def test_presets_rerank_more_than_the_largest_reported_k():
+    """Re-ranking only the ITC top 10 cannot move anything into or out of the top 10: R@10 would equal ITC's by
+    construction. coco-mini's test split has 192 images and 960 captions; LAVIS re-ranks the top 128."""
+    from minblip2.config import cpu, paper
+
+    assert cpu().stage1.itm_rerank_k == 16 and paper().stage1.itm_rerank_k == 128
+
+
 def test_retrieval_with_a_real_tiny_model():
     cfg = tiny_config()
     model = tiny_task(cfg).model
