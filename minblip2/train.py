@@ -44,7 +44,8 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and scalars (the temperature) -- LAVIS's rule: ndim < 2.
+    """AdamW; weight decay on matrices only (ndim >= 2): none on biases, norms and the 0-D temperature. LAVIS's
+    rule differs for one tensor: it skips decay for 1-D tensors and biases only, so it decays `temp`.
 
     Parameters named in `model.pretrained_names` (stage 1: the Q-Former's BERT-initialised ones; stage 2: what
     came from stage 1) learn at lr * t.pretrained_lr_scale; 1.0 = one learning rate, as in the paper.
