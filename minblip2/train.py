@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import dist
-from .config import Config, TrainConfig, apply_overrides, get_preset
+from .config import Config, TrainConfig, config_from_command_line
 
 
 # ----------------------------------------------------------------------------- schedule and optimiser
@@ -327,7 +327,7 @@ def main(argv=None):
                    help="build the preset on the meta device (no weights), print parameter counts and a GPU "
                         "memory estimate per batch size, and exit without training")
     args, overrides = p.parse_known_args(argv)
-    cfg = apply_overrides(get_preset(args.preset), overrides)
+    cfg = config_from_command_line(args.preset, overrides)  # a mistake: one line, exit status 2
     if args.dry_run:
         from .dryrun import dry_run, format_report
 
