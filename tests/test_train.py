@@ -159,6 +159,9 @@ def test_resume_after_sigkill(tmp_path):
     recipe = dict(max_steps=30, ckpt_every=1, log_every=10)
     args = [f"--{k}={v}" for k, v in recipe.items()]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # a script's sys.path starts at tests/, not here: without this the worker imports the INSTALLED minblip2,
+    # which in another checkout (a git worktree) is not the code under test
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     errors = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, str(TESTS / "ddp_worker.py"), str(run_dir), "--threads=1", *args],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
