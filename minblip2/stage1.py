@@ -38,6 +38,20 @@ class LMHead(nn.Module):
     def forward(self, h):
         return F.linear(self.norm(F.gelu(self.dense(h))), self.word_embeddings.weight, self.bias)
 
+    @torch.no_grad()
+    def load_bert(self, bert_state: dict[str, torch.Tensor]) -> bool:
+        """Start from BERT's masked-LM head (`cls.predictions.*`) if the checkpoint has one (as LAVIS does); the
+        decoder needs nothing, it is the word embeddings. Returns whether it was there."""
+        p = "cls.predictions."
+        if p + "bias" not in bert_state:
+            return False
+        for ours, theirs in ((self.dense, "transform.dense"), (self.norm, "transform.LayerNorm")):
+            ours.weight.copy_(bert_state[f"{p}{theirs}.weight"])
+            ours.bias.copy_(bert_state[f"{p}{theirs}.bias"])
+        bias = bert_state[p + "bias"]
+        self.bias[: len(bias)].copy_(bias)  # the [DEC] row keeps its 0: [DEC] is never predicted
+        return True
+
 
 class Stage1Model(nn.Module):
     def __init__(self, qcfg: QFormerConfig, scfg: Stage1Config | None = None):
@@ -97,6 +111,7 @@ class Stage1Model(nn.Module):
         # the image's keys/values in every cross-attention layer: computed once, read by ITC and ITM
         # (projecting 257 image tokens is most of the cost of a query pass)
         image_kv = self.qformer.image_kv(img)
+        ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None  # the global batch's
         out = {}
 
         # ITC: queries and text in one pass under the unimodal mask (same as two separate passes)
@@ -107,15 +122,14 @@ class Stage1Model(nn.Module):
         if self.scfg.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp,
-                                                      self.scfg.label_smoothing, self.scfg.itc_gather_grad)
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp, self.scfg.label_smoothing,
+                                                      self.scfg.itc_gather_grad, image_ids, ids_all)
         total = 0.0
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
 
         if "itm" in use:
-            ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
             if dist.world_size() == 1:  # every negative image is in this batch: its keys/values exist already
                 neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]

@@ -116,8 +116,9 @@ class Stage2Model(nn.Module):
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # special tokens added by hand
 
     def _pad(self, seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-        """Lists of ids -> (B, T) tensor, padded on the right (or left)."""
-        T = max(1, max(len(s) for s in seqs))
+        """Lists of ids -> (B, T) tensor, padded on the right (or left). T may be 0: an empty prompt with no BOS
+        leaves no text at all in front of the generated tokens (the queries alone)."""
+        T = max(len(s) for s in seqs)
         rows = [[value] * (T - len(s)) + s if left else s + [value] * (T - len(s)) for s in seqs]
         return torch.tensor(rows, dtype=torch.long, device=self.llm_proj.weight.device)
 

@@ -11,7 +11,7 @@ import torch
 
 from .backbones import load_bert, load_image_encoder, load_llm
 from .config import Config
-from .data import load_coco, load_image, tokenize, train_transform
+from .data import load_coco, load_image, pre_caption, tokenize, train_transform
 from .features import cached_features
 from .qformer import load_bert_weights
 from .stage1 import Stage1Model
@@ -101,7 +101,7 @@ class StageTask:
         if self.stage == 1:
             tok = tokenize(self.tokenizer, caps, self.max_text_len)
             return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids)
-        return model(emb, caps)
+        return model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
 
 
 def build_stage1_model(cfg: Config):
@@ -112,6 +112,8 @@ def build_stage1_model(cfg: Config):
         fresh = set(load_bert_weights(model.qformer, bert_state))
         # what BERT initialised may learn more slowly (Stage1Config.pretrained_lr_scale, see train.build_optimizer)
         model.pretrained_names = {f"qformer.{n}" for n, _ in model.qformer.named_parameters() if n not in fresh}
+        if model.lm_head.load_bert(bert_state):  # BERT's masked-LM head, where the checkpoint has one
+            model.pretrained_names |= {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}
     return model, tokenizer
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import dist
-from .config import Config, TrainConfig, apply_overrides, get_preset
+from .config import Config, TrainConfig, config_from_command_line
 
 
 # ----------------------------------------------------------------------------- schedule and optimiser
@@ -44,7 +44,8 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and scalars (the temperature) -- LAVIS's rule: ndim < 2.
+    """AdamW; weight decay on matrices only (ndim >= 2): none on biases, norms and the 0-D temperature. LAVIS's
+    rule differs for one tensor: it skips decay for 1-D tensors and biases only, so it decays `temp`.
 
     Parameters named in `model.pretrained_names` (stage 1: the Q-Former's BERT-initialised ones; stage 2: what
     came from stage 1) learn at lr * t.pretrained_lr_scale; 1.0 = one learning rate, as in the paper.
@@ -326,7 +327,7 @@ def main(argv=None):
                    help="build the preset on the meta device (no weights), print parameter counts and a GPU "
                         "memory estimate per batch size, and exit without training")
     args, overrides = p.parse_known_args(argv)
-    cfg = apply_overrides(get_preset(args.preset), overrides)
+    cfg = config_from_command_line(args.preset, overrides)  # a mistake: one line, exit status 2
     if args.dry_run:
         from .dryrun import dry_run, format_report
 

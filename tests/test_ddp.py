@@ -83,6 +83,9 @@ def assert_same_model(dir_a, dir_b, cfg):
 def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    # a script's sys.path starts at tests/, not here: without this the worker imports the INSTALLED minblip2,
+    # which in another checkout (a git worktree) is not the code under test
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     torchrun = Path(os.sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(TESTS / "ddp_worker.py"), str(ddp_dir),
            "--batch_size=4", "--stop_at=3", "--qformer.dropout=0.0", *(f"--{k}={v!r}" for k, v in RECIPE.items())]

@@ -225,3 +225,51 @@ def test_itm_loss_equals_the_loss_from_raw_image_tokens():
                               torch.cat([att, att, att[neg_text]]))
     assert (neg_image != torch.arange(4)).all()
     assert torch.allclose(out["loss_itm"], losses.itm_loss(logits, num_pos=4), atol=1e-6)
+
+
+def test_itc_targets_spread_over_every_caption_of_the_same_image():
+    """Rows 0 and 1 are two captions of one image: each is a positive for the other's image, so ITC's target
+    is 1/2 on both (LAVIS, with image ids), smoothed like cross_entropy's label_smoothing; never one-hot."""
+    from minblip2 import losses
+
+    g = torch.Generator().manual_seed(0)
+    image_feats = torch.nn.functional.normalize(torch.randn(3, 4, 8, generator=g), dim=-1)
+    text_feats = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    temp, ls = torch.tensor(0.07), 0.1
+    loss, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, temp, ls, image_ids=torch.tensor([7, 7, 9]))
+    same = torch.tensor([[1., 1, 0], [1, 1, 0], [0, 0, 1]])
+    target = (1 - ls) * same / same.sum(1, keepdim=True) + ls / 3  # LAVIS's sim_targets
+    by_hand = sum(-(sim.log_softmax(1) * target).sum(1).mean() for sim in (sim_i2t, sim_t2i)) / 2
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    one_hot, _, _ = losses.itc_loss(image_feats, text_feats, temp, ls)  # no ids: the diagonal only
+    assert not torch.allclose(loss, one_hot)
+    distinct, _, _ = losses.itc_loss(image_feats, text_feats, temp, ls, image_ids=torch.tensor([7, 8, 9]))
+    assert torch.allclose(distinct, one_hot, atol=1e-6)
+
+    m, img, ids, att = _tiny_model_and_batch(3)  # the model passes its image ids to ITC
+    m.scfg.losses = ("itc",)
+    with torch.no_grad():
+        twice = m(img, ids, att, image_ids=torch.tensor([7, 7, 9]))["loss_itc"]
+        diag = m(img, ids, att, image_ids=torch.tensor([7, 8, 9]))["loss_itc"]
+    assert not torch.allclose(twice, diag) and torch.allclose(diag, m(img, ids, att)["loss_itc"].detach())
+
+
+def test_itc_soft_targets_with_the_batch_split_over_processes(monkeypatch):
+    """Under DDP each process holds B rows and gathers all W*B columns, image ids included: the mean of two
+    processes' ITC losses equals one process with the whole batch, one image's captions split across them."""
+    from minblip2 import dist, losses
+
+    g = torch.Generator().manual_seed(0)
+    image_feats = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    text_feats = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    ids, temp = torch.tensor([5, 6, 7, 5]), torch.tensor(0.07)  # image 5 on process 0 and on process 1
+    whole, _, _ = losses.itc_loss(image_feats, text_feats, temp, 0.1, image_ids=ids)
+    parts = []
+    for r in (0, 1):
+        local = [image_feats[2 * r:2 * r + 2], text_feats[2 * r:2 * r + 2], ids[2 * r:2 * r + 2]]
+        world = {id(x): full for x, full in zip(local, (image_feats, text_feats, ids))}
+        monkeypatch.setattr(dist, "rank", lambda: r)
+        monkeypatch.setattr(dist, "all_gather_with_grad", lambda x: world[id(x)])
+        monkeypatch.setattr(dist, "all_gather_no_grad", lambda x: world[id(x)])
+        parts.append(losses.itc_loss(*local[:2], temp, 0.1, image_ids=local[2])[0])
+    assert torch.allclose((parts[0] + parts[1]) / 2, whole, atol=1e-6)

