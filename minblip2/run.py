@@ -30,7 +30,7 @@ from .features import cached_features
 from .plots import caption_grid, retrieval_examples
 from .retrieval import recall_at_k, retrieval_scores
 from .tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
-from .train import train
+from .train import seed_everything, train
 
 
 def variant(cfg: Config, **changes) -> Config:
@@ -112,6 +112,7 @@ def main(argv=None):
     s1 = {}
     for name, sub, c in [("qformer", "stage1", cfg),
                          ("qformer_no_itg", "stage1_no_itg", variant(cfg, stage1__losses=("itc", "itm")))]:
+        seed_everything(c.stage1.seed)  # each model's initial weights depend on the config's seed alone
         model, tokenizer = build_stage1_model(c)
         task = StageTask(model, train_data, tokenizer, c.data.max_text_len,
                          has_unused_parameters=name != "qformer", stage=1)
@@ -140,6 +141,7 @@ def main(argv=None):
                          ("no_stage1", "stage2_no_stage1", variant(cfg, stage2__from_stage1=False)),
                          ("linear_projection", "stage2_linear_projection", variant(cfg, stage2__from_stage1=False))]:
         t0 = time.time()
+        seed_everything(c.stage2.seed)  # each model's initial weights depend on the config's seed alone
         if name == "linear_projection":
             from .backbones import load_llm
             llm, tok = load_llm(c.llm)
