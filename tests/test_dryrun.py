@@ -88,7 +88,7 @@ def test_cli_prints_a_table_and_exits_without_training(capsys, monkeypatch):
     assert train.main(["--stage", "1", "--preset", "paper", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "eva_giant_patch14_clip_224" in out and "186.7M" in out and "985.9M" in out
-    assert "ESTIMATED" in out and "145*" in out  # the preset's batch size is marked
+    assert "ESTIMATED" in out and "105*" in out  # the preset's batch size is marked
     assert "act: Q-Former" in out and "total" in out
 
 
