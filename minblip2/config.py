@@ -80,7 +80,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0  # 0 disables
     amp: str = "none"  # "none", "bf16", "fp16" (fp16 adds a GradScaler)
-    compile: bool = False
+    max_overflow_steps: int = 20  # fp16: stop after this many steps IN A ROW skipped for inf/NaN gradients
+    compile: bool = False  # torch.compile the training step: GPUs only (refused on CPU, see train.check_compile)
     cache_features: bool = True  # precompute frozen image features once (no augmentation) -- the big CPU win
     seed: int = 1337
     log_every: int = 10
@@ -184,8 +185,11 @@ def cpu() -> Config:
 def paper() -> Config:
     """BLIP-2 as published: EVA-CLIP ViT-g/14, bert-base Q-Former with 32 queries, OPT-2.7B.
 
-    Batch sizes are the paper's global ones (stage 1: 2320 for ViT-g, stage 2: 1920 for OPT) split over
-    8 GPUs x grad_accum; needs the hub (internet) for the weights.
+    Batch sizes are the paper's global ones (stage 1: 1680 for ViT-g -- 2320 was ViT-L's --, stage 2: 1920 for
+    OPT) split over 8 GPUs x grad_accum 2; FlanT5's stage 2 used 1520 (--stage2.batch_size=95) in bf16 (see
+    `check_llm_precision`). ITC/ITM negatives come from one micro-batch x the processes (840 here, the paper's
+    16 GPUs x 105 had 1680): on 16 GPUs use grad_accum=1, on 8 x 80 GB GPUs batch_size=210, grad_accum=1.
+    Needs the hub (internet) for the weights.
     """
     c = Config()
     c.vision = VisionConfig(name="eva_giant_patch14_clip_224", weights="timm", img_size=224,
@@ -194,7 +198,7 @@ def paper() -> Config:
                               num_heads=12, intermediate_size=3072, num_queries=32, cross_attention_freq=2,
                               vision_width=1408, embed_dim=256)
     c.llm = LLMConfig(name="facebook/opt-2.7b", weights="hub", dtype="float16", prompt="a photo of")
-    c.stage1 = Stage1Config(lr=1e-4, min_lr=1e-5, warmup_steps=2000, max_steps=250_000, batch_size=145,
+    c.stage1 = Stage1Config(lr=1e-4, min_lr=1e-5, warmup_steps=2000, max_steps=250_000, batch_size=105,
                             grad_accum=2, amp="fp16", cache_features=False, itm_rerank_k=128,
                             ckpt_every=5000, log_every=50)
     c.stage2 = Stage2Config(lr=1e-4, min_lr=5e-5, warmup_steps=2000, max_steps=80_000, batch_size=120,
@@ -206,7 +210,8 @@ def paper() -> Config:
 
 def gpu24() -> Config:
     """One 24 GB GPU: the paper's encoder and Q-Former, OPT-2.7B in fp16, small micro-batches + accumulation
-    and gradient checkpointing to stay under 24 GB."""
+    and gradient checkpointing to stay under 24 GB. Global batch 256 in both stages, but ITC/ITM see only the
+    32 pairs of a micro-batch as negatives (the paper: 1680): the README's "Scaling up" says what to do about it."""
     c = paper()
     c.qformer.gradient_checkpointing = True
     c.stage1.batch_size, c.stage1.grad_accum = 32, 8
@@ -216,6 +221,19 @@ def gpu24() -> Config:
 
 
 PRESETS = {"cpu": cpu, "paper": paper, "gpu24": gpu24}
+
+
+def check_llm_precision(cfg: Config):
+    """T5 models (FlanT5) overflow in float16 -- the paper ran them in bfloat16 -- so a FlanT5 must not inherit the
+    OPT presets' llm.dtype=float16 or stage2.amp=fp16. Raises ValueError naming the overrides to use."""
+    if "t5" not in cfg.llm.name.lower():
+        return
+    wrong = [f"--llm.dtype=bfloat16 (not {cfg.llm.dtype})" if cfg.llm.dtype == "float16" else "",
+             "--stage2.amp=bf16 (not fp16)" if cfg.stage2.amp == "fp16" else ""]
+    if any(wrong):
+        raise ValueError(f"{cfg.llm.name} is a T5: its activations overflow float16 (inf/NaN losses), and BLIP-2 "
+                         f"trained FlanT5 in bfloat16. Add " + " ".join(w for w in wrong if w) +
+                         "; bfloat16 needs an Ampere or newer GPU (A100, H100, RTX 30xx+).")
 
 
 def get_preset(name: str) -> Config:

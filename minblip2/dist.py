@@ -3,6 +3,10 @@
 Launch with `torchrun --nproc_per_node=N ...`: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and
 `setup()` joins the process group (NCCL on GPU, gloo on CPU). Run plainly with `python ...` and every
 helper here acts as if world_size == 1 -- no bare `dist.get_rank()` that crashes single-process runs.
+
+Every tensor handed to a collective (all_reduce, all_gather, ...) must live on this process's device: NCCL
+reduces GPU tensors only, and a CPU tensor such as `torch.tensor(loss_value)` kills a multi-GPU run at its
+first step. gloo on CPUs accepts anything, so tests/test_ddp.py checks this explicitly.
 """
 from __future__ import annotations
 
@@ -68,8 +72,23 @@ def cleanup():
 
 
 def barrier():
+    """Wait for every process. NCCL's barrier runs on a GPU: name this process's (set by `setup`), or NCCL guesses
+    one from the rank and can hang or use the wrong GPU."""
     if is_distributed():
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] for any picklable obj (e.g. each process's RNG state); [obj] alone.
+    torch.distributed pickles it into a byte tensor on the right device itself (the current GPU under NCCL)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @torch.no_grad()
@@ -105,6 +124,8 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x over processes. x must live on this process's device (a GPU under NCCL): NCCL has no CPU
+    backend, so a CPU tensor here kills a multi-GPU run ("No backend type associated with device type cpu")."""
     if world_size() == 1:
         return x
     x = x.clone()

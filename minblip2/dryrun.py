@@ -2,7 +2,8 @@
 report what would train, what stays frozen, and an ESTIMATE of the GPU memory one micro-batch needs.
 
     python -m minblip2.train --stage 1 --preset paper --dry_run
-    python -m minblip2.train --stage 2 --preset gpu24 --dry_run --stage2.batch_size=8 --llm.name=google/flan-t5-xl
+    python -m minblip2.train --stage 2 --preset gpu24 --dry_run --stage2.batch_size=8 --llm.name=google/flan-t5-xl \\
+        --llm.dtype=bfloat16 --stage2.amp=bf16
 
     from minblip2.dryrun import dry_run, format_report
     print(format_report(dry_run(get_preset("paper"), stage=2, batch_sizes=(1, 64))))
@@ -21,7 +22,7 @@ import torch
 import transformers
 
 from .backbones import build_llm_from_config, count_params, load_image_encoder, smollm2_source
-from .config import Config, LLMConfig
+from .config import Config, LLMConfig, check_llm_precision
 
 # The published config.json of the paper's LLMs (architecture fields only), so a dry run needs no hub. (transformers 5
 # ties T5's lm_head to its embeddings whatever tie_word_embeddings says, so FlanT5's count lacks V*d_model of it.)
@@ -94,22 +95,42 @@ def _bytes(params) -> int:
 
 
 # ----------------------------------------------------------------------------- activation formulas
-# Bytes a layer keeps for backward, counted as Korthikanti et al. 2022 ("Reducing Activation Recomputation in
-# Large Transformer Models", eq. 2) do: 16-bit activations, 1-byte dropout masks, no recomputation. s tokens,
-# b sequences, h hidden, a heads, f the FFN width. Callers scale by (bytes per activation) / 2.
+# Bytes a layer keeps for backward, counted tensor by tensor as in Korthikanti et al. 2022 ("Reducing Activation
+# Recomputation in Large Transformer Models", eq. 2: 1-byte dropout masks, no recomputation) but for what
+# PyTorch's autocast really saves, which is more than their all-16-bit model: LayerNorms run in fp32 (their
+# inputs and outputs are fp32), and each Linear saves its OWN 16-bit cast of an fp32 input (the query, key and
+# value projections: three casts of one tensor). s rows, b sequences, h hidden, a heads, f the FFN width, p bytes
+# per activation (2 under autocast, 4 in fp32). `fused`: the attention runs in a fused SDPA kernel (GPUs), which
+# keeps no s x s matrices. Unfused (CPUs; attn_impl="math") it keeps the fp32 probabilities, the dropout mask
+# and its fp32 output (9 bytes per score), and CPU's SDPA fallback also fp32 copies of q, k and v (see `_unfused`).
+# The formulas were checked against the CPU allocation profiler, with and without gradient checkpointing, in
+# bf16 and fp32 (tests/test_dryrun.py).
 
 
-def trained_layer(s, b, h, a, f):
-    """A layer whose weights train: s*b*h*(34 + 5*a*s/h) for f = 4h (attention 11sbh + 5as^2b, MLP 3sbh + 4sbf,
-    two LayerNorms 4sbh). The 5as^2b scores are kept although SDPA's fused kernels never store them: a small
-    overestimate at Q-Former lengths."""
-    return s * b * (18 * h + 4 * f) + 5 * a * s * s * b
+def _unfused(rows, keys, b, h, a):
+    """What unfused attention keeps beyond the fused kernels, in bytes: 9 per score, and the fp32 copies of q, k
+    and v that PyTorch's CPU fallback makes (written-out attention keeps fewer: an over-count there)."""
+    return b * (9 * a * rows * keys + 4 * (rows + 2 * keys) * h)
 
 
-def cross_attention(q, n, b, h, a):
-    """q queries reading n image tokens, same accounting: query-projection input, Q, output-projection input,
-    dropout mask and LayerNorm input 9qbh, K and V 4nbh, scores 5aqnb (the image tokens themselves: see below)."""
-    return b * (9 * q * h + 4 * n * h + 5 * a * q * n)
+def trained_layer(s, b, h, a, f, p=2, fused=True, keys=None):
+    """A Q-Former layer whose weights train (self-attention + FFN), in bytes; `keys` (default s) the keys each row
+    sees (ITG: the cached queries too). Per row: the projections' inputs (3 casts under autocast, the fp32 input
+    once in fp32), q and the attention output (2p), the output projection's input (p), two dropout masks (2), two
+    fp32 LayerNorm inputs (8), the FFN's input (p) and its two f-wide activations (2pf); k and v per key (2p).
+    At p=2: 28sbh + 4sbf (Korthikanti's count: 18sbh + 4sbf)."""
+    keys = keys or s
+    proj_in = 3 * p if p == 2 else 4
+    out = s * b * ((proj_in + 2 * p + p + 2 + 8 + p) * h + 2 * p * f) + 2 * p * keys * b * h
+    return out if fused else out + _unfused(s, keys, b, h, a)
+
+
+def cross_attention(q, n, b, h, a, p=2, fused=True):
+    """q queries reading n image tokens, in bytes, query side: the query projection's input, q, the output and the
+    output projection's input, a dropout mask, the fp32 LayerNorm input (13qbh under autocast). The image's keys
+    and values (and what their projections keep) are counted with the image tokens, see `image_side`."""
+    out = q * b * h * ((p if p == 2 else 4) + 3 * p + 1 + 4)
+    return out if fused else out + _unfused(q, n, b, h, a)
 
 
 def frozen_layer(s, b, h, f, gated):
@@ -119,16 +140,28 @@ def frozen_layer(s, b, h, f, gated):
     return s * b * (12 * h + (6 if gated else 2) * f)
 
 
+def image_side(b, N, Dv, h, n_cross, kv_rows, amp):
+    """Bytes the trained side keeps for the image tokens (b images, N tokens of width Dv): the fp32 tokens ln_vision
+    saved, the keys and values (16-bit under amp) of n_cross cross-attention layers for `kv_rows` rows, and what
+    their key/value projections save: under autocast each of the 2 * n_cross Linears its own 16-bit cast of the
+    tokens (often the biggest single item), in fp32 the normalised tokens once."""
+    p = 2 if amp else 4
+    tokens = b * N * Dv
+    kept = 4 * tokens + (2 * 2 * n_cross * tokens if amp else 4 * tokens)  # ln_vision's input; the projections'
+    return kept + kv_rows * N * h * 2 * n_cross * p
+
+
 # ----------------------------------------------------------------------------- the estimate
 
 
-def estimate_memory(cfg: Config, stage: int, built: dict, b: int) -> dict[str, int]:
+def estimate_memory(cfg: Config, stage: int, built: dict, b: int, device_type: str = "cuda") -> dict[str, int]:
     """Peak GPU bytes for one micro-batch of b samples, by part. An ESTIMATE (formulas above): fine for
-    choosing a batch size, not for filling a GPU to the last GiB."""
+    choosing a batch size, not for filling a GPU to the last GiB. device_type="cpu": the same on a CPU, whose
+    attention is never fused in training (what the tests measure)."""
     t = cfg.stage1 if stage == 1 else cfg.stage2
     qc, enc, model = cfg.qformer, built["image_encoder"], built["model"]
     amp = t.amp in ("bf16", "fp16")
-    scale = 1 if amp else 2  # the formulas count 16-bit activations; fp32 doubles them
+    p = 2 if amp else 4  # bytes of one activation
     ckpt = qc.gradient_checkpointing
     N, Dv = enc.num_tokens, enc.num_features  # image tokens and their width
     Q, h, a, f, L = qc.num_queries, qc.hidden_size, qc.num_heads, qc.intermediate_size, qc.num_layers
@@ -154,8 +187,8 @@ def estimate_memory(cfg: Config, stage: int, built: dict, b: int) -> dict[str, i
     # Q-Former passes as (sequences, tokens, with queries?). Stage 1: ITC (queries + text), ITM (3b: positives
     # and both kinds of negatives), ITG (text only when it reuses the queries' keys/values). Stage 2: queries only.
     T = cfg.data.max_text_len
+    losses = set(cfg.stage1.losses) if stage == 1 else set()
     if stage == 1:
-        losses = set(cfg.stage1.losses)
         passes = [(b, Q + T, True)]
         if "itm" in losses:
             passes.append((3 * b, Q + T, True))
@@ -164,26 +197,42 @@ def estimate_memory(cfg: Config, stage: int, built: dict, b: int) -> dict[str, i
     else:
         passes = [(b, Q, True)]
 
-    kept = 0
-    for rows, s, queries in passes:  # all L layers, n_cross of them with cross-attention to the image
-        full = L * trained_layer(s, rows, h, a, f) + (n_cross * cross_attention(Q, N, rows, h, a) if queries else 0)
-        kept += L * 2 * s * rows * h if ckpt else full  # checkpointing: each layer keeps only its input (2sbh)...
-    if ckpt:  # ...and backward recomputes one layer at a time
-        kept += max(trained_layer(s, r, h, a, f) + (cross_attention(Q, N, r, h, a) if q else 0) for r, s, q in passes)
-    parts["act: Q-Former"] = scale * kept
+    fused = qc.attn_impl == "sdpa" and device_type == "cuda"
 
-    # The image tokens on the trained side, fp32: the encoder's output and ln_vision's, plus stage 1 ITM's 3b
-    # concatenation. Under autocast the key AND the value Linear of every cross-attention layer each save their
-    # own 16-bit cast of them -- often the biggest single item. With checkpointing: one layer's casts at a time.
-    reads = [r // b for r, _, q in passes if q]  # image copies per sample each pass reads: ITC 1, ITM 3
-    fp32_copies = 2 + (3 if stage == 1 and "itm" in cfg.stage1.losses else 0)
-    casts = (2 * max(reads) if ckpt else 2 * n_cross * sum(reads)) if amp else 0
-    parts["act: image tokens"] = b * N * Dv * (4 * fp32_copies + 2 * casts)
+    def layers(rows, s, queries, n, n_cross):  # bytes n layers keep, n_cross of them with cross-attention
+        keys = Q + s if (stage == 1 and not queries) else s  # ITG reads the cached queries' keys and values
+        return (n * trained_layer(s, rows, h, a, f, p, fused, keys)
+                + (n_cross * cross_attention(Q, N, rows, h, a, p, fused) if queries else 0))
+
+    # the embeddings of every pass: LayerNorm input (fp32: autocast runs LayerNorm in fp32) and dropout mask
+    kept = sum(5 * rows * s * h for rows, s, _ in passes)
+    if not ckpt:
+        kept += sum(layers(*ps, L, n_cross) for ps in passes)
+    else:
+        # checkpointing: each layer keeps only its input, fp32 (a LayerNorm's output, also under autocast) ...
+        kept += sum(L * 4 * s * rows * h for rows, s, _ in passes)
+        if stage == 1 and cfg.stage1.itg_reuse_queries and "itg" in losses:  # ... ITC's keys/values, for ITG
+            kept += L * 2 * b * (Q + T) * h * p
+        kept += max(layers(*ps, 1, 1) for ps in passes)  # ... and backward recomputes one layer at a time
+    parts["act: Q-Former"] = kept
+
+    # The image tokens on the trained side (see image_side). Stage 1 projects every cross-attention layer's keys
+    # and values once, OUTSIDE the layers (ITC and ITM share them): gradient checkpointing does not free them,
+    # and ITM adds its 3b rows [image, negative image, image] concatenated plus the b negatives gathered.
+    # Stage 2's layers project their own: checkpointed, they keep only their input (the fp32 tokens) and
+    # backward recomputes one layer's keys and values at a time.
+    if stage == 1:
+        kv_rows = 5 * b if "itm" in losses else b
+        parts["act: image tokens"] = image_side(b, N, Dv, h, n_cross, kv_rows, amp)
+    elif ckpt:
+        parts["act: image tokens"] = image_side(b, N, Dv, h, 1, b, amp) + (4 * b * N * Dv if amp else 0)
+    else:
+        parts["act: image tokens"] = image_side(b, N, Dv, h, n_cross, b, amp)
 
     # Logits: 16-bit (or fp32) logits, their fp32 copy and cross-entropy's fp32 log-softmax, for the target rows.
     if stage == 1:
-        if "itg" in set(cfg.stage1.losses):
-            parts["act: logits + loss"] = b * T * qc.vocab_size * ((2 if amp else 4) + 8)
+        if "itg" in losses:  # + the LM head's dense, GELU and LayerNorm inputs
+            parts["act: logits + loss"] = b * T * qc.vocab_size * ((2 + 8) if amp else (4 + 4)) + (10 if amp else 16) * b * T * h
     else:
         parts.update(_llm_activations(cfg, built["llm"], b, Q, T))
     parts["total"] = sum(parts.values())
@@ -219,6 +268,8 @@ def dry_run(cfg: Config, stage: int, batch_sizes=(1, 8, 32)) -> dict:
     estimate for each batch size (the preset's own batch size is always included)."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, not {stage!r}")
+    if stage == 2:
+        check_llm_precision(cfg)  # a FlanT5 in fp16 would overflow: say so before anyone pays for GPUs
     t = cfg.stage1 if stage == 1 else cfg.stage2
     built = build_on_meta(cfg, stage)
     enc, model = built["image_encoder"], built["model"]
@@ -246,6 +297,7 @@ def dry_run(cfg: Config, stage: int, batch_sizes=(1, 8, 32)) -> dict:
         "batch_size": t.batch_size,
         "settings": f"amp={t.amp}, Q-Former checkpointing={'on' if cfg.qformer.gradient_checkpointing else 'off'}, "
                     f"image features {'cached' if t.cache_features else 'computed each step'}",
+        "grad_accum": t.grad_accum,
         "memory": {b: estimate_memory(cfg, stage, built, b) for b in sizes},
         "modules": built,
     }
@@ -260,6 +312,12 @@ def format_report(r: dict) -> str:
     lines.append(f"{'total':<{w}}{r['trainable'] / 1e6:>13.1f}M{r['frozen'] / 1e6:>13.1f}M")
     lines += ["", "ESTIMATED peak GPU memory per GPU in GiB, by micro-batch size (* = the preset's)",
               f"{r['settings']}; not counted: the CUDA context (~1 GiB), DDP's gradient buckets"]
+    if r["stage"] == 1:
+        lines.append(f"ITC/ITM negatives per step: micro-batch x processes ({r['batch_size']} x P), not the global batch "
+                     f"(x {r['grad_accum']} accumulation): a larger micro-batch means more negatives")
+    if "checkpointing=on" in r["settings"]:
+        lines.append("caution: with checkpointing an H100 measured MORE than this (gpu24, micro-batch 32: 11.7 GiB vs 7.1 "
+                     "estimated; the CPU profiler agrees with the estimate): measure yours with scripts/gpu_check.py")
     sizes = list(r["memory"])
     keys = list(dict.fromkeys(k for m in r["memory"].values() for k in m))
     w = max(len(k) for k in keys) + 2

@@ -57,11 +57,18 @@ def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, 
     confusingly similar are picked more often. The positive (the diagonal) is never drawn; with image ids,
     no other caption of the same image is drawn either (those are positives too, not negatives).
     sim_i2t, sim_t2i: (B, W*B) logits. Returns (neg_text_idx (B,), neg_image_idx (B,)) into the global batch.
+
+    With several processes every process gathers the whole (W*B, W*B) similarity matrices and samples ALL rows,
+    then keeps its own: with a `generator` seeded alike everywhere (train.py seeds one per step), the negatives
+    are those one process with the whole batch would draw, whatever the number of processes.
     """
-    B, N = sim_i2t.shape
+    B = sim_i2t.shape[0]
     offset = dist.rank() * B
-    positive = torch.zeros(B, N, dtype=torch.bool, device=sim_i2t.device)
-    positive[torch.arange(B), torch.arange(B) + offset] = True
+    if dist.world_size() > 1:
+        sim_i2t, sim_t2i = dist.all_gather_no_grad(sim_i2t), dist.all_gather_no_grad(sim_t2i)
+        image_ids = image_ids_all
+    N = sim_i2t.shape[0]
+    positive = torch.eye(N, dtype=torch.bool, device=sim_i2t.device)
     if image_ids is not None:
         positive |= image_ids.view(-1, 1) == image_ids_all.view(1, -1)
     if positive.all(dim=1).any():
@@ -73,7 +80,7 @@ def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, 
     weights_t2i = F.softmax(sim_t2i.float().masked_fill(positive, float("-inf")), dim=1)
     neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
-    return neg_text, neg_image
+    return neg_text[offset:offset + B], neg_image[offset:offset + B]
 
 
 def itm_loss(itm_logits: torch.Tensor, num_pos: int) -> torch.Tensor:

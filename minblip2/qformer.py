@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .config import QFormerConfig
@@ -45,12 +46,14 @@ class Attention(nn.Module):
         """(B, N, Dkv) -> keys, values (B, heads, N, H/heads)."""
         return self.split(self.key(ctx)), self.split(self.value(ctx))
 
-    def forward(self, x, context=None, mask=None, prefix_kv=None, kv=None):
+    def forward(self, x, context=None, mask=None, prefix_kv=None, kv=None, causal=False):
         """x (B, L, H); context (B, N, Dkv) for cross-attention, else x; mask (B, L, keys) bool, True = attend.
 
         kv: keys/values already projected from the context (`project_kv`), instead of the context itself.
         prefix_kv: keys/values (B, heads, P, d) computed earlier (the queries', for ITG) prepended to this
-        pass's own. Returns the output and this pass's own (k, v), so a caller can cache them.
+        pass's own. causal: instead of a mask, row i attends to the keys up to its own position counted from
+        the END (all P prefix keys, then keys 0..i of this pass): no mask tensor, so on a GPU SDPA can pick
+        FlashAttention, which takes no boolean mask. Returns the output and this pass's own (k, v).
         """
         q = self.split(self.query(x))
         k, v = kv if kv is not None else self.project_kv(x if context is None else context)
@@ -60,7 +63,13 @@ class Attention(nn.Module):
         if mask is not None:
             mask = mask.unsqueeze(1)  # (B, 1, L, keys): the same mask for every head
         p = self.dropout if self.training else 0.0
-        if self.impl == "sdpa":  # PyTorch's fused kernels (FlashAttention on GPUs)
+        if causal:
+            if mask is not None:
+                raise ValueError("pass either a mask or causal=True, not both")
+            L, S = q.shape[2], k.shape[2]
+            mask = (causal_lower_right(L, S) if self.impl == "sdpa"  # SDPA reads it as a kernel option
+                    else torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L))
+        if self.impl == "sdpa":  # PyTorch's fused kernels (FlashAttention on GPUs, when there is no mask tensor)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:  # the same math written out: on CPU, training with attention dropout is faster this way (bench/)
             scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -95,10 +104,11 @@ class QFormerLayer(nn.Module):
         self.query_ffn = FeedForward(H, cfg.intermediate_size, p, eps)
         self.text_ffn = FeedForward(H, cfg.intermediate_size, p, eps) if with_text else None
 
-    def forward(self, x, mask, num_queries: int, image_embeds=None, prefix_kv=None, image_kv=None):
+    def forward(self, x, mask, num_queries: int, image_embeds=None, prefix_kv=None, image_kv=None, causal=False):
         """x (B, Q+T, H) with the first `num_queries` rows the queries (0 if they are cached in prefix_kv);
-        image_embeds (B, N, Dv) the image tokens, or image_kv: their keys/values in this layer, computed before."""
-        h, kv = self.self_attn(x, mask=mask, prefix_kv=prefix_kv)
+        image_embeds (B, N, Dv) the image tokens, or image_kv: their keys/values in this layer, computed before.
+        causal: self-attention is causal instead of masked (see Attention.forward)."""
+        h, kv = self.self_attn(x, mask=mask, prefix_kv=prefix_kv, causal=causal)
         parts = []
         if num_queries > 0:
             hq = h[:, :num_queries]
@@ -149,7 +159,7 @@ class QFormer(nn.Module):
                 for layer in self.layers]
 
     def forward(self, image_embeds=None, input_ids=None, text_mask=None, mask=None, query_cache=None,
-                return_cache=False, image_kv=None):
+                return_cache=False, image_kv=None, causal=False):
         """Run queries and/or text through the Q-Former.
 
         image_embeds: (B, N, Dv) -- the queries are in the sequence iff this (or image_kv) is given.
@@ -159,6 +169,11 @@ class QFormer(nn.Module):
         query_cache: the queries' per-layer (k, v) from an earlier pass with `return_cache=True`: the text
             then attends to those keys without the queries being recomputed (valid for ITG, where the
             queries never look at the text, so their states are the same as in the ITC pass).
+        causal: with a query_cache only -- ITG's multimodal causal mask without a mask tensor: each text token
+            sees every cached query and the text up to itself. Pads need no mask there, as long as the text is
+            RIGHT-padded (as `data.tokenize` pads): a real token never looks forward, so never at a pad; the pads'
+            own outputs change but predict nothing (the ITG loss ignores them). With no mask tensor SDPA may use
+            FlashAttention on a GPU (it takes no boolean mask).
         Returns hidden states (B, Q+T, H) -- (B, T, H) with a query_cache -- and, with return_cache, the
         per-layer (k, v) of this pass.
         """
@@ -172,7 +187,10 @@ class QFormer(nn.Module):
         x = self.embed(B, with_queries, input_ids)
 
         attn_mask = None
-        if input_ids is not None:  # text present: build (B, rows, keys) from the objective mask + padding
+        if causal:
+            if query_cache is None or mask is not None:
+                raise ValueError("causal=True is ITG's mask for text after cached queries: pass query_cache, no mask")
+        elif input_ids is not None:  # text present: build (B, rows, keys) from the objective mask + padding
             T = input_ids.shape[1]
             n_q = Q + P
             if mask is None:
@@ -191,9 +209,9 @@ class QFormer(nn.Module):
             # image tokens go into the layer as they are, so under gradient checkpointing their keys/values are
             # recomputed in backward rather than kept
             if self.cfg.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, ikv, use_reentrant=False)
+                x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, ikv, causal, use_reentrant=False)
             else:
-                x, kv = layer(x, attn_mask, Q, image_embeds, prefix, ikv)
+                x, kv = layer(x, attn_mask, Q, image_embeds, prefix, ikv, causal)
             cache.append(kv)
         return (x, cache) if return_cache else x
 

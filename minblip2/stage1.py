@@ -149,11 +149,13 @@ class Stage1Model(nn.Module):
         if "itg" in use:
             dec_ids = input_ids.clone()
             dec_ids[:, 0] = self.qcfg.dec_token_id  # [DEC] tells the Q-Former to generate
-            causal = masks.multimodal_causal_mask(Q, T, device=img.device)
             if self.scfg.itg_reuse_queries:  # queries never see text under this mask: reuse their keys/values
                 query_cache = [(k[:, :, :Q], v[:, :, :Q]) for k, v in cache]
-                h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, mask=causal, query_cache=query_cache)
+                # the multimodal causal mask is then a plain causal one over [cached queries | text]: no mask
+                # tensor (FlashAttention on GPUs); right padding needs none (see QFormer.forward)
+                h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, causal=True, query_cache=query_cache)
             else:
+                causal = masks.multimodal_causal_mask(Q, T, device=img.device)
                 h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, mask=causal, image_kv=image_kv)[:, Q:]
             loss_itg = losses.itg_loss(self.lm_head(h_text), dec_ids, text_mask, self.scfg.label_smoothing)
             total = total + loss_itg

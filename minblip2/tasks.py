@@ -96,11 +96,14 @@ class StageTask:
     def num_samples(self):
         return self.data.num_samples
 
-    def loss(self, model, idx, device) -> dict:
+    def loss(self, model, idx, device, generator=None) -> dict:
+        """generator: stage 1's ITM negative sampling (train.py passes one seeded by the step, alike in every
+        process); stage 2 ignores it."""
         emb, caps, ids = self.data.batch(idx, device)
         if self.stage == 1:
             tok = tokenize(self.tokenizer, caps, self.max_text_len)
-            return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids)
+            return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids,
+                         generator=generator)
         return model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
 
 

@@ -4,12 +4,18 @@ As a script it trains that task (for the DDP test under torchrun, and the kill t
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR --batch_size=4 --max_steps=4 --stop_at=3
     python tests/ddp_worker.py RUN_DIR --ckpt_every=1 --max_steps=30
+    ... --check_devices=True    (every collective's tensors must be on the run's device: see DeviceChecks)
 """
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from minblip2.config import Config, QFormerConfig, Stage1Config
 
@@ -72,6 +78,74 @@ def tiny_task(cfg: Config, model_seed: int | None = None, init_scale: float = 5.
     return StageTask(model, synthetic_data(), tokenizer, max_text_len=16, has_unused_parameters=unused, stage=1)
 
 
+# ----------------------------------------------------------------------------- collectives on the right device
+# NCCL reduces GPU tensors only: `dist.all_reduce(torch.tensor(loss))` -- a CPU tensor -- kills a multi-GPU run at its
+# first step. gloo on CPUs accepts any tensor, and here the run's device IS the CPU, so checking devices alone
+# proves nothing. So DeviceChecks also follows where each tensor came from: a factory call (torch.tensor,
+# torch.zeros, ...) without `device=` makes a CPU tensor whatever the run's device, and that mark passes to every
+# tensor computed from it, until an explicit `.to(device)`. A collective handed such a tensor would get a CPU
+# tensor on a GPU: the check fails it here, on a CPU, as NCCL would there.
+
+FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
+             torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.linspace, torch.scalar_tensor,
+             torch.from_numpy}
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
+               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single")
+MARK = "_made_without_device"
+
+
+class DeviceChecks(TorchFunctionMode):
+    """Marks tensors made without `device=` (and all computed from them); wraps torch.distributed's collectives
+    to assert that each tensor they get is on `device` and unmarked. `calls` counts the collectives checked."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.calls, self.originals = device, {}, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        marked = any(getattr(t, MARK, False) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        if func in FACTORIES:  # (as_tensor of a tensor keeps that tensor's mark)
+            marked = marked or kwargs.get("device") is None
+        elif func is torch.Tensor.to:  # an explicit device places it; .to(dtype) does not
+            marked = marked and kwargs.get("device") is None and not any(
+                isinstance(a, (str, torch.device, torch.Tensor)) for a in args[1:])
+        elif func in (torch.Tensor.cuda, torch.Tensor.cpu):
+            marked = False
+        elif not marked:
+            return out
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                setattr(t, MARK, marked)
+        return out
+
+    def check(self, name, *args, **kwargs):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                where = f"torch.distributed.{name} got a {tuple(t.shape)} {t.dtype} tensor"
+                assert t.device == self.device, f"{where} on {t.device}, not on the run's device {self.device}"
+                assert not getattr(t, MARK, False), (
+                    f"{where} made by a factory call without device= (e.g. torch.tensor(value)): on a GPU it "
+                    f"would live on the CPU, which NCCL cannot reduce")
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def __enter__(self):
+        for name in COLLECTIVES:
+            original = self.originals[name] = getattr(torch.distributed, name)
+
+            def checked(*args, _name=name, _original=original, **kwargs):
+                self.check(_name, *args, **kwargs)
+                return _original(*args, **kwargs)
+            setattr(torch.distributed, name, checked)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.distributed, name, original)
+        return super().__exit__(*exc)
+
+
 def main(argv):
     """RUN_DIR [--field=value ...] (Stage1Config fields, plus --stop_at, --threads, --qformer.dropout)."""
     import ast
@@ -87,11 +161,18 @@ def main(argv):
     if "threads" in kw:
         torch.set_num_threads(kw.pop("threads"))
     dropout = kw.pop("qformer.dropout", None)
+    check_devices = kw.pop("check_devices", False)
     cfg = tiny_config(**kw)
     if dropout is not None:
         cfg.qformer.dropout = dropout
     try:
-        train(cfg, 1, tiny_task(cfg), stop_at=stop_at, progress=False, run_dir=run_dir)
+        task = tiny_task(cfg)
+        if not check_devices:
+            train(cfg, 1, task, stop_at=stop_at, progress=False, run_dir=run_dir)
+        else:
+            with DeviceChecks(torch.device(cfg.device)) as checks:
+                train(cfg, 1, task, stop_at=stop_at, progress=False, run_dir=run_dir)
+            Path(run_dir, f"collectives-rank{dist.rank()}.json").write_text(json.dumps(checks.calls))
     finally:
         dist.cleanup()
 

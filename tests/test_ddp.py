@@ -1,10 +1,14 @@
-"""DDP on CPU (gloo): 2 processes x batch 4 train the same weights as 1 process x batch 8, and resume in 1.
+"""DDP on CPU (gloo): 2 processes x batch 4 train the same weights as 1 process x batch 8 (ITC + ITM + ITG),
+resume in 1, resume exactly in 2, and hand every collective tensors on the run's device.
 
 Why they can match at all: `batch_indices` + `local_slice` give the 2 processes the two halves of the
 1-process batch; ITC gathers features WITH gradient (itc_gather_grad=True), so its loss and gradient are the
-global batch's; ITG divides by the global token count (losses.itg_loss); DDP averages the gradients, so the
-clip norm, AdamW and the schedule see the 1-process gradient. ITM is off (its negatives are sampled, so
-they differ with the process count) and so is dropout.
+global batch's; ITM's hard negatives are drawn for the whole global batch in every process from a generator
+seeded by the step alone (losses.sample_hard_negatives, train.step_generator), so they are the 1-process
+negatives, and the negative texts/images come from the other process when they live there (stage1's
+`_gather_padded`, gathered image tokens); ITG divides by the global token count (losses.itg_loss); DDP averages
+the gradients, so the clip norm, AdamW and the schedule see the 1-process gradient. Dropout is off (each
+process draws its own masks).
 
 Tolerance 1e-5 on every weight except the attention KEY BIASES: softmax(q.(k + b)) does not depend on b,
 so their true gradient is exactly 0 and what they get is float noise -- which Adam's normalised update
@@ -12,6 +16,7 @@ blows up to ~lr * 0.1 per step, differently in each run (a permuted batch in ONE
 They change no output; the test checks that instead (same losses on a held-out batch).
 """
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -29,7 +34,8 @@ from ddp_worker import tiny_config, tiny_task
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-RECIPE = dict(max_steps=4, lr=5e-4, min_lr=5e-5, losses=("itc", "itg"))
+RECIPE = dict(max_steps=4, lr=5e-4, min_lr=5e-5, losses=("itc", "itm", "itg"))
+COLUMNS = ("loss_itc", "loss_itm", "loss_itg", "loss", "grad_norm")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,12 +55,22 @@ def one_process(run_dir, stop_at=None):
 
 def losses(run_dir):
     with open(Path(run_dir) / "log.csv") as f:
-        return [[float(r[k]) for k in ("loss_itc", "loss_itg", "loss", "grad_norm")] for r in csv.DictReader(f)]
+        return [[float(r[k]) for k in COLUMNS] for r in csv.DictReader(f)]
 
 
 def assert_close_rows(a, b):
     """Losses are logged to 6 decimals, the grad norm to 4."""
-    assert a[:3] == pytest.approx(b[:3], rel=1e-5) and a[3] == pytest.approx(b[3], rel=0, abs=2e-4), (a, b)
+    assert a[:-1] == pytest.approx(b[:-1], rel=1e-5) and a[-1] == pytest.approx(b[-1], rel=0, abs=2e-4), (a, b)
+
+
+def torchrun(run_dir, *args, timeout=180):
+    """2 processes of tests/ddp_worker.py under torchrun, importing THIS checkout's minblip2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+           str(TESTS / "ddp_worker.py"), str(run_dir), *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def ckpt(run_dir):
@@ -75,22 +91,21 @@ def assert_same_model(dir_a, dir_b, cfg):
         model = Stage1Model(cfg.qformer, cfg.stage1).eval()
         load_checkpoint(ckpt(d), model)
         with torch.no_grad():
-            out.append(task.loss(model, torch.arange(60, 76), torch.device("cpu")))
+            out.append(task.loss(model, torch.arange(60, 76), torch.device("cpu"),  # the same ITM negatives
+                                 generator=torch.Generator().manual_seed(0)))
     for k in out[0]:
         assert torch.allclose(out[0][k], out[1][k], rtol=1e-6, atol=0), (k, out[0][k], out[1][k])
 
 
 def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
+    """ITC + ITM + ITG in 2 processes == 1 process; meanwhile every tensor handed to a collective is checked
+    (ddp_worker.DeviceChecks: on the run's device, and not made by a factory call without device=)."""
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    # a script's sys.path starts at tests/, not here: without this the worker imports the INSTALLED minblip2,
-    # which in another checkout (a git worktree) is not the code under test
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    torchrun = Path(os.sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(TESTS / "ddp_worker.py"), str(ddp_dir),
-           "--batch_size=4", "--stop_at=3", "--qformer.dropout=0.0", *(f"--{k}={v!r}" for k, v in RECIPE.items())]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun(ddp_dir, "--batch_size=4", "--stop_at=3", "--qformer.dropout=0.0", "--check_devices=True",
+             *(f"--{k}={v!r}" for k, v in RECIPE.items()))
+    for rank in (0, 1):  # the checks saw the collectives of a step: the logged losses, ITC, ITM, ITG, RNG state
+        calls = json.loads((ddp_dir / f"collectives-rank{rank}.json").read_text())
+        assert calls["all_reduce"] >= 3 * 3 and calls["all_gather"] >= 3 * 5, calls
     assert ckpt(ddp_dir).name == "ckpt-0000003"
     assert not (ddp_dir / "checkpoints" / "ckpt-0000004").exists()
 
@@ -109,6 +124,30 @@ def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
     assert losses(ddp_dir)[:3] == losses(tmp_path / "ddp_before")  # the 2-process rows are kept
     assert_close_rows(losses(ddp_dir)[3], losses(one_dir)[3])
     assert_same_model(ddp_dir, one_dir, cfg)
+
+
+def test_ddp_resume_is_exact_in_every_process(tmp_path):
+    """Dropout on: each process draws its own masks from its own RNG (seeded seed + rank). A 2-process run stopped
+    after its step-2 checkpoint (as a crash would leave it) and resumed in 2 processes equals the uninterrupted
+    run bit for bit: the checkpoint keeps EVERY process's RNG state. (It kept rank 0's, which every process then
+    restored: after a resume all of them drew the same dropout masks.)"""
+    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+    args = ["--batch_size=4", "--max_steps=4", "--ckpt_every=2", "--qformer.dropout=0.1", "--lr=5e-4"]
+    torchrun(ref, *args)  # 4 steps; keeps ckpt-2 and ckpt-4
+    shutil.copytree(ref, resumed)
+    (resumed / "checkpoints" / "latest").write_text("ckpt-0000002")  # killed after step 2 was checkpointed
+    shutil.rmtree(resumed / "checkpoints" / "ckpt-0000004")
+    rng = torch.load(ckpt(resumed) / "state.pt", weights_only=False)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one state per process
+    torchrun(resumed, *args)
+    assert ckpt(resumed).name == "ckpt-0000004"
+
+    def rows(run_dir):
+        with open(run_dir / "log.csv") as f:
+            return [{k: v for k, v in r.items() if k != "time"} for r in csv.DictReader(f)]
+    assert len(rows(ref)) == 4 and rows(resumed) == rows(ref)
+    a, b = (load_file(str(ckpt(d) / "model.safetensors")) for d in (ref, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_progress_bar_is_silent_when_asked():

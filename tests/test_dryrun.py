@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minblip2 import backbones, train
+from minblip2 import backbones, config, train
 from minblip2.config import cpu, gpu24, paper
 from minblip2.dryrun import dry_run
 from minblip2.stage1 import Stage1Model
@@ -88,7 +88,7 @@ def test_cli_prints_a_table_and_exits_without_training(capsys, monkeypatch):
     assert train.main(["--stage", "1", "--preset", "paper", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "eva_giant_patch14_clip_224" in out and "186.7M" in out and "985.9M" in out
-    assert "ESTIMATED" in out and "145*" in out  # the preset's batch size is marked
+    assert "ESTIMATED" in out and "105*" in out  # the preset's batch size is marked
     assert "act: Q-Former" in out and "total" in out
 
 
@@ -111,3 +111,111 @@ def test_unknown_llm_explains_itself():
     cfg.llm.name = "nobody/not-a-model"
     with pytest.raises(ValueError, match="nobody/not-a-model"):
         dry_run(cfg, stage=2)
+
+
+# ----------------------------------------------------------------------------- the estimate vs a measured peak
+
+
+def _tiny_stage1_cfg(ckpt: bool, amp: str, b: int):
+    """A small Q-Former (4 x 64, 8 queries over 50 image tokens of width 96, 16 text tokens, vocab 1000) at a batch
+    where activations are most of the memory, so the comparison tests the activation formulas."""
+    from minblip2.config import Config, QFormerConfig, Stage1Config
+
+    cfg = Config()
+    cfg.qformer = QFormerConfig(bert_weights="random", hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
+                                num_queries=8, vision_width=96, vocab_size=1000, dec_token_id=999,
+                                max_position_embeddings=64, gradient_checkpointing=ckpt)
+    cfg.data.max_text_len = 16
+    cfg.stage1 = Stage1Config(batch_size=b, amp=amp, cache_features=True)
+    return cfg
+
+
+@pytest.mark.parametrize("amp", ["bf16", "none"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointing"])
+def test_estimate_matches_the_measured_peak(ckpt, amp):
+    """Build the model, create AdamW and run 2 training steps (ITC+ITM+ITG, full-length captions) under bench's CPU
+    allocation profiler: the peak of tensor memory is within 25% of the dry-run estimate (without the frozen encoder,
+    which this test does not build). The estimate once missed what gradient checkpointing cannot free here -- the
+    image keys/values stage 1 projects outside the layers -- and what autocast keeps in fp32."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from run import peak_step_memory  # bench/run.py: the profiler's running total of allocated bytes
+
+    from minblip2.dryrun import estimate_memory
+
+    b, N = 48, 50
+    cfg = _tiny_stage1_cfg(ckpt, amp, b)
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(b, N, 96, generator=g)
+    ids = torch.randint(1, 999, (b, 16), generator=g)
+    mask = torch.ones(b, 16, dtype=torch.long)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def two_steps():
+        torch.manual_seed(0)
+        model = Stage1Model(cfg.qformer, cfg.stage1).train()
+        opt = train.build_optimizer(model, cfg.stage1)
+        for step in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+                out = model(img, ids, mask, image_ids=torch.arange(b), generator=torch.Generator().manual_seed(step))
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    try:
+        measured = peak_step_memory(two_steps, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(n)
+    with torch.device("meta"):
+        model = Stage1Model(cfg.qformer, cfg.stage1)
+    encoder = SimpleNamespace(num_tokens=N, num_features=96, parameters=lambda: iter(()))
+    est = estimate_memory(cfg, 1, {"image_encoder": encoder, "model": model}, b, device_type="cpu")
+    activations = sum(v for k, v in est.items() if k.startswith("act:"))
+    assert activations > est["trained weights, grads, AdamW"]  # the formulas, not the weights, are what is tested
+    assert 0.75 < est["total"] / measured < 1.25, (est["total"] / measured, measured, est)
+
+
+def test_estimate_at_paper_scale_against_the_h100():
+    """../shared/reference/gpu-h100.md, one H100: paper stage 1, micro-batch 145: 27.4 GiB (features computed each
+    step and cached); stage 2 with OPT-2.7B, micro-batch 120: 26.0 GiB. Within 10% (the estimate's side: above).
+    gpu24 with checkpointing measured 11.7 GiB at 32, which this estimate does NOT explain (see the README)."""
+    GiB = 2**30
+    for cached in (False, True):
+        cfg = paper()
+        cfg.stage1.cache_features = cached
+        est = dry_run(cfg, 1, batch_sizes=(145,))["memory"][145]["total"] / GiB
+        assert 27.4 <= est < 27.4 * 1.1, est
+    est = dry_run(paper(), 2, batch_sizes=(120,))["memory"][120]["total"] / GiB
+    assert 26.0 <= est < 26.0 * 1.1, est
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def test_paper_batch_sizes():
+    """The paper's global batches: stage 1 1680 (ViT-g; 2320 was ViT-L's), stage 2 1920 (OPT), on 8 GPUs."""
+    p, g = paper(), gpu24()
+    assert p.stage1.batch_size * p.stage1.grad_accum * 8 == 1680
+    assert p.stage2.batch_size * p.stage2.grad_accum * 8 == 1920
+    assert 95 * p.stage2.grad_accum * 8 == 1520  # FlanT5: --stage2.batch_size=95
+    assert g.stage1.batch_size == 32 and g.qformer.gradient_checkpointing  # 32 negatives per step on one GPU
+    assert "1680" in config.paper.__doc__ and "32" in config.gpu24.__doc__
+
+
+def test_flan_t5_is_refused_in_fp16():
+    """FlanT5 overflows in fp16: taking an OPT preset's llm.dtype=float16 / stage2.amp=fp16 is an error that names
+    the fix, in the dry run and in train(); with them it builds."""
+    cfg = paper()
+    cfg.llm.name = "google/flan-t5-xl"
+    with pytest.raises(ValueError, match=r"--llm.dtype=bfloat16 .* --stage2.amp=bf16"):
+        dry_run(cfg, stage=2, batch_sizes=(1,))
+    with pytest.raises(ValueError, match="T5"):
+        train.train(cfg, 2, progress=False)
+    dry_run(cfg, stage=1, batch_sizes=(1,))  # stage 1 has no LLM
+    cfg.llm.dtype, cfg.stage2.amp = "bfloat16", "bf16"
+    r = dry_run(cfg, stage=2, batch_sizes=(1,))
+    assert r["components"][-1]["dtype"] == "bfloat16"
+    config.check_llm_precision(paper())  # OPT in fp16 is the paper's

@@ -148,6 +148,52 @@ def test_itg_query_cache_equals_full_recompute():
     assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_itg_needs_no_mask_tensor(impl, monkeypatch):
+    """ITG after cached queries is a plain (lower-right) causal attention: with right-padded text the pass gives
+    SDPA no mask tensor -- so a GPU may run FlashAttention, which takes no boolean mask -- and the real tokens'
+    outputs, hence the ITG loss, are those of the explicit mask with padding. (Pads' own rows change: unused.)"""
+    m, img, ids, att = _tiny_model_and_batch(3, pad_from=5)
+    for layer in m.qformer.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            if attn is not None:
+                attn.impl = impl
+    Q, T = 6, 8
+    with torch.no_grad():
+        _, cache = m.qformer(m.ln_vision(img), return_cache=True)
+        masked = m.qformer(input_ids=ids, text_mask=att, mask=masks.multimodal_causal_mask(Q, T), query_cache=cache)
+        causal = m.qformer(input_ids=ids, text_mask=att, causal=True, query_cache=cache)
+    real = att.bool()
+    assert torch.allclose(masked[real], causal[real], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="query_cache"):
+        m.qformer(input_ids=ids, text_mask=att, causal=True)
+
+    # the training forward: its ITG pass hands SDPA no tensor mask (only ITC/ITM, which need one, do)
+    seen = []
+    F = torch.nn.functional
+
+    class SpyF:  # qformer's `F`, recording each SDPA mask (patching F itself would hide SDPA from CausalBias)
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        def scaled_dot_product_attention(self, q, k, v, attn_mask=None, **kw):
+            seen.append(None if attn_mask is None else type(attn_mask).__name__)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr("minblip2.qformer.F", SpyF())
+    m.scfg.losses = ("itg",)
+    with torch.no_grad():
+        loss = m(img, ids, att)["loss_itg"]
+    if impl == "sdpa":  # ITC pass (needed for the cache): 4 masked self-attentions; ITG: 4 causal, no tensor
+        assert seen.count("CausalBias") == 4 and seen.count("Tensor") == 4 and "CausalBias" not in seen[:6]
+    with torch.no_grad():  # the loss with the explicit mask, computed by hand as before
+        dec = ids.clone()
+        dec[:, 0] = m.qcfg.dec_token_id
+        h = m.qformer(input_ids=dec, text_mask=att, mask=masks.multimodal_causal_mask(Q, T), query_cache=cache)
+        from minblip2.losses import itg_loss
+        ref = itg_loss(m.lm_head(h), dec, att, m.scfg.label_smoothing)
+    assert torch.allclose(loss, ref, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("mask_fn", [masks.unimodal_mask, masks.multimodal_causal_mask])
 def test_queries_never_attend_to_text(mask_fn):
     torch.manual_seed(0)

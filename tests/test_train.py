@@ -208,17 +208,19 @@ def test_same_seed_same_run_different_seed_different_run(tmp_path):
 # ----------------------------------------------------------------------------- 5. NaN guard
 
 
+@pytest.mark.parametrize("amp", ["none", "bf16"])
 @pytest.mark.parametrize("where", ["loss", "gradient"])
-def test_nan_guard_stops_before_writing_the_bad_step(tmp_path, where):
-    cfg = tiny_config(max_steps=8, ckpt_every=1)
+def test_nan_guard_stops_before_writing_the_bad_step(tmp_path, where, amp):
+    """fp32 and bf16 have no loss scaler: the first non-finite loss or gradient stops the run."""
+    cfg = tiny_config(max_steps=8, ckpt_every=1, amp=amp)
     task = tiny_task(cfg)
     calls = {"n": 0}
     if where == "loss":
         good_loss = task.loss
 
-        def loss(model, idx, device):
+        def loss(model, idx, device, **kw):
             calls["n"] += 1
-            out = good_loss(model, idx, device)
+            out = good_loss(model, idx, device, **kw)
             return {**out, "loss": out["loss"] * (float("nan") if calls["n"] == 3 else 1.0)}
         task.loss = loss
     else:  # a finite loss whose gradient overflows
@@ -236,6 +238,55 @@ def test_nan_guard_stops_before_writing_the_bad_step(tmp_path, where):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert [r["step"] for r in log(tmp_path)] == ["1", "2"]
     assert torch.isfinite(weights(tmp_path)["text_proj.weight"]).all()
+
+
+def overflow_at(task, steps):
+    """Make the loss inf at the given steps (1-based), as an fp16 overflow in the forward pass does."""
+    good_loss, calls = task.loss, {"n": 0}
+
+    def loss(model, idx, device, **kw):
+        calls["n"] += 1
+        out = good_loss(model, idx, device, **kw)
+        return {**out, "loss": out["loss"] * (float("inf") if calls["n"] in steps else 1.0)}
+    task.loss = loss
+
+
+def test_fp16_overflow_is_skipped_and_training_goes_on(tmp_path):
+    """fp16 + GradScaler: an overflow (here an inf loss at step 6) makes the scaler skip that step and halve its
+    scale -- its job -- instead of ending the run; the log says which steps were skipped. Steps 1-3 are the
+    scaler's own calibration: its first scale, 2^16, overflows this model's gradients until it has halved 3 times."""
+    cfg = tiny_config(max_steps=8, ckpt_every=4, amp="fp16")
+    task = tiny_task(cfg)
+    overflow_at(task, {6})
+    train(cfg, 1, task, progress=False, run_dir=tmp_path)
+    rows = log(tmp_path)
+    assert [r["skipped"] for r in rows] == ["1", "1", "1", "0", "0", "1", "0", "0"]
+    scale = [float(r["loss_scale"]) for r in rows]
+    assert scale[0] == 2.0 ** 16 and scale[6] == scale[5] / 2  # halved after each overflow
+    assert rows[5]["loss"] == "inf" and all(float(r["loss"]) < 20 for i, r in enumerate(rows) if i != 5)
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=False)
+    assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {4.0}  # 8 steps, 4 skipped
+    assert state["scaler"]["scale"] == scale[7]
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
+
+
+def test_fp16_stops_when_overflows_persist(tmp_path):
+    cfg = tiny_config(max_steps=10, ckpt_every=2, amp="fp16", max_overflow_steps=4)
+    task = tiny_task(cfg)
+    overflow_at(task, set(range(5, 100)))
+    with pytest.raises(FloatingPointError, match=r"step 8: non-finite .* skipped 4 steps in a row") as e:
+        train(cfg, 1, task, progress=False, run_dir=tmp_path)
+    assert "ckpt-0000006" in str(e.value)  # skipped steps change nothing: ckpt-6 is a good one
+    assert [r["skipped"] for r in log(tmp_path)] == ["1", "1", "1", "0", "1", "1", "1"]  # no row for step 8
+
+
+def test_compile_is_refused_on_cpu(tmp_path):
+    """torch.compile's stage-1 step crashes in backward on the CPU stack (torch 2.14, inductor); on a GPU it is
+    1.47x faster. On CPU train() refuses it at once, with the reason, before building anything."""
+    cfg = tiny_config(compile=True)
+    with pytest.raises(ValueError, match="compile=True needs a CUDA GPU"):
+        train(cfg, 1, task=None, progress=False, run_dir=tmp_path)
+    assert not tmp_path.joinpath("checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------- 6. schedule and data order
