@@ -141,18 +141,25 @@ class ImageTextData:
 
     def model_inputs(self, batch: dict, device):
         """A batch -> (image tokens (B, N, D) float32 on `device`, captions, image ids on `device`)."""
-        ids = batch["image_id"].to(device, non_blocking=True)
-        if "features" in batch:
-            return batch["features"].to(device, non_blocking=True).float(), batch["caption"], ids
-        pixels = batch["image"].to(device, non_blocking=True)
-        if pixels.dtype == torch.uint8:
-            pixels = to_model_input(pixels, self.encoder.mean, self.encoder.std)
-        with torch.no_grad():  # the encoder is frozen: no graph is kept
-            return self.encoder(pixels), batch["caption"], ids
+        return encode_batch(self.encoder, batch, device)
 
     def batch(self, idx: torch.Tensor, device):
         """(image tokens (B, N, D) float32, captions, image ids) for sample indices `idx`."""
         return self.model_inputs(self.dataset().__getitems__(idx), device)
+
+
+def encode_batch(encoder, batch: dict, device):
+    """A batch from the DataLoader -> (image tokens (B, N, D) float32 on `device`, captions, image ids on `device`).
+    Cached rows are copied (non_blocking: from pinned memory on a GPU) and cast; uint8 pixels are copied,
+    normalised and encoded by the frozen encoder on the device, the whole batch at once."""
+    ids = batch["image_id"].to(device, non_blocking=True)
+    if "features" in batch:
+        return batch["features"].to(device, non_blocking=True).float(), batch["caption"], ids
+    pixels = batch["image"].to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = to_model_input(pixels, encoder.mean, encoder.std)
+    with torch.no_grad():  # the encoder is frozen: no graph is kept
+        return encoder(pixels), batch["caption"], ids
 
 
 def _as_is(batch):
@@ -232,7 +239,15 @@ def build_stage2_model(cfg: Config, stage1_dir: str | Path | None = None):
 
 def build_task(cfg: Config, stage: int, device, stage1_dir=None) -> StageTask:
     t = cfg.stage1 if stage == 1 else cfg.stage2
-    data = ImageTextData.build(cfg, "train", t.cache_features, device)
+    if cfg.data.streaming:  # parquet shards read as a stream (streaming.py); images are encoded at every step
+        from .streaming import StreamingData
+
+        if not cfg.data.source:
+            raise ValueError("--data.streaming=True reads --data.source=SHARDS (a folder of parquet files, see "
+                             "data/write_shards.py)")
+        data = StreamingData.build(cfg, device)
+    else:
+        data = ImageTextData.build(cfg, "train", t.cache_features, device)
     if stage == 1:
         model, tokenizer = build_stage1_model(cfg)
         unused = set(cfg.stage1.losses) != {"itc", "itm", "itg"}

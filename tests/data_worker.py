@@ -4,6 +4,7 @@ As a script it trains stage 1 on such a folder, or caches its features (the 2-pr
 
     torchrun --standalone --nproc_per_node=2 tests/data_worker.py RUN_DIR SOURCE [--section.field=value ...]
     torchrun --standalone --nproc_per_node=2 tests/data_worker.py cache CACHE_DIR SOURCE VIEW
+    torchrun --standalone --nproc_per_node=2 tests/data_worker.py stream OUT SHARDS
 """
 from __future__ import annotations
 
@@ -83,6 +84,31 @@ def main(argv):
         try:
             cached_features(PixelEncoder(), VisionConfig(name="pixels", img_size=16), images, cache_dir=argv[1],
                             view=int(argv[3]), batch_size=3, progress=False, num_workers=1)
+        finally:
+            dist.cleanup()
+        return
+    if argv[0] == "stream":  # stream OUT SHARDS: 4 steps straight, and 2 steps + a resume to 4; samples per rank
+        from minblip2.tasks import build_task
+
+        out, shards = Path(argv[1]), argv[2]
+        cfg = tiny_pipeline_config(shards, max_steps=4, ckpt_every=2)
+        cfg.data.streaming, cfg.data.shuffle_buffer = True, 50
+        device = dist.setup("cpu")
+
+        def run(tag, run_dir, **kw):
+            task = build_task(cfg, 1, device)
+            seen, loss = [], task.loss
+
+            def recording_loss(model, batch, dev):
+                seen.append([f"{i}:{c}" for i, c in zip(batch["image_id"].tolist(), batch["caption"])])
+                return loss(model, batch, dev)
+            task.loss = recording_loss
+            train(cfg, 1, task, progress=False, run_dir=out / run_dir, **kw)
+            (out / f"{tag}-rank{dist.rank()}.json").write_text(json.dumps(seen))
+        try:
+            run("full", "full")
+            run("part", "part", stop_at=2)
+            run("resumed", "part")
         finally:
             dist.cleanup()
         return

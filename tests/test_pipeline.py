@@ -3,6 +3,7 @@ bad images replaced under DDP, the feature cache written by every process, retri
 
 Everything runs on tiny made-up images (tests/data_worker.py) and random weights."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -207,6 +208,87 @@ def test_skip_bad_images_under_ddp_replaces_and_counts(tmp_path, monkeypatch):
     p = subprocess.run([sys.executable, str(TESTS / "data_worker.py"), str(tmp_path / "strict"), str(root)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "cannot read image" in p.stderr and "0005.png" in p.stderr
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def write_test_shards(tmp_path, num_shards=4):
+    """coco-mini's train split as parquet shards (data/write_shards.py); a made-up folder if coco-mini is absent."""
+    sys.path.insert(0, str(REPO / "data"))
+    import write_shards as ws
+    from minblip2.config import default_data_root
+
+    root = default_data_root()
+    rows = ws.image_rows(root, "train") if (root / "captions.jsonl").is_file() else \
+        ws.image_rows(source=make_folder(tmp_path / "folder", n=24, captions_per_image=2))
+    return tmp_path / "shards", ws.write_shards(rows, tmp_path / "shards", num_shards)
+
+
+def test_streaming_two_processes_read_disjoint_samples_and_resume_exactly(tmp_path):
+    """coco-mini as 4 parquet shards; 2 processes (gloo) train 4 steps from the stream. Each process reads its
+    own shards (disjoint samples); 2 steps, a stop, and a resume see exactly the samples of the 4 straight steps
+    (the position is in the checkpoint)."""
+    shards, _ = write_test_shards(tmp_path)
+    torchrun("stream", tmp_path, shards)
+    seen = {(tag, r): json.loads((tmp_path / f"{tag}-rank{r}.json").read_text())
+            for tag in ("full", "part", "resumed") for r in (0, 1)}
+    for r in (0, 1):
+        assert len(seen["full", r]) == 4 and all(len(b) == 4 for b in seen["full", r])  # 4 steps x batch 4
+        assert seen["part", r] + seen["resumed", r] == seen["full", r]
+    flat = [{s for b in seen["full", r] for s in b} for r in (0, 1)]
+    assert len(flat[0]) == len(flat[1]) == 16 and not flat[0] & flat[1]
+    images = [{s.split(":")[0] for s in f} for f in flat]
+    assert not images[0] & images[1]  # whole shards per process: not even an image in common
+    state = torch.load(tmp_path / "part/checkpoints/ckpt-0000002/state.pt", weights_only=False)
+    assert state["data_state"] == {"kind": "stream", "world_size": 2, "positions": [[0, 8], [0, 8]]}
+
+
+def test_stream_replaces_bad_records_and_reports_bad_shards(tmp_path):
+    from minblip2.data import train_transform
+    from minblip2.streaming import RecordStream, list_shards
+
+    sys.path.insert(0, str(REPO / "data"))
+    import write_shards as ws
+
+    folder = make_folder(tmp_path / "f", n=8, bad=(2, 5))
+    names = ws.write_shards(ws.image_rows(source=folder), tmp_path / "shards", 2)
+    tf = train_transform(16, (0.5,) * 3, (0.5,) * 3, normalize=False)
+    stream = RecordStream(list_shards(tmp_path / "shards"), tf, micro_batch=4, shuffle_buffer=1, skip_bad=True)
+    with pytest.warns(UserWarning, match="unreadable"):
+        batches = [b for _, b in zip(range(2), stream)]
+    assert [b["image"].shape[0] for b in batches] == [4, 4] and sum(b["num_skipped"] for b in batches) == 2
+    assert all(int(i) not in (2, 5) for b in batches for i in b["image_id"])
+    strict = RecordStream(list_shards(tmp_path / "shards"), tf, micro_batch=4, shuffle_buffer=1)
+    with pytest.raises(ValueError, match="cannot read image"):
+        list(zip(range(2), strict))
+
+    names[1].write_bytes(names[1].read_bytes()[:1000])  # a truncated shard
+    with pytest.raises(ValueError, match=f"{names[1].name} is truncated"):
+        list_shards(tmp_path / "shards")
+    names[1].unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        list_shards(str(names[1]))
+
+
+def test_stream_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    from minblip2.data import train_transform
+    from minblip2.streaming import RecordStream, list_shards
+
+    sys.path.insert(0, str(REPO / "data"))
+    import write_shards as ws
+
+    ws.write_shards(ws.image_rows(source=make_folder(tmp_path / "f", n=10, captions_per_image=2)), tmp_path / "s", 2)
+    stream = RecordStream(list_shards(tmp_path / "s"), train_transform(16, (0.5,) * 3, (0.5,) * 3, normalize=False),
+                          micro_batch=3, shuffle_buffer=8, start=(0, 2))
+    runs = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        runs.append([b for _, b in zip(range(9), loader)])  # 27 records from record 2 on: into the next epoch
+    for a, b in zip(*runs):
+        assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
+        assert torch.equal(a["position"], b["position"])
+    assert runs[0][0]["position"].tolist() == [0, 5] and runs[0][-1]["position"].tolist() == [1, 9]
 
 
 # ----------------------------------------------------------------------------- retrieval at COCO-5k size
