@@ -132,11 +132,13 @@ class Pairs:
 
 
 def pairs_from_records(records) -> Pairs:
-    """`load_coco(per="caption")` records (or any rows with image_path, caption, image_id) -> Pairs."""
-    paths = list(records["image_path"])
+    """`load_coco(per="caption")` records (a datasets.Dataset, or a list of dicts with image_path, caption,
+    image_id) -> Pairs."""
+    column = (lambda k: [r[k] for r in records]) if isinstance(records, list) else (lambda k: list(records[k]))
+    paths = column("image_path")
     unique = list(dict.fromkeys(paths))
     row = {p: i for i, p in enumerate(unique)}
-    return Pairs(list(records["caption"]), torch.tensor(list(records["image_id"]), dtype=torch.long), unique,
+    return Pairs(column("caption"), torch.tensor(column("image_id"), dtype=torch.long), unique,
                  torch.tensor([row[p] for p in paths], dtype=torch.long))
 
 
