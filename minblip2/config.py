@@ -59,8 +59,8 @@ class DataConfig:
     root: str = ""  # coco-mini (or full COCO) directory; "" = $MINBLIP2_DATA, else the default (see data.py)
     max_text_len: int = 32  # tokens per caption (Q-Former tokenizer and LLM)
     augmented_views: int = 0  # cached features: this many random crop + flip views per image besides the center crop
-    skip_bad_images: bool = False  # True: an unreadable image's sample is replaced (counted in log.csv) instead of raising
-    num_workers: int | None = None  # DataLoader worker processes; None = auto: 0 on a CPU (training uses every core), else up to 8
+    skip_bad_images: bool = False  # True: an unreadable image's sample is replaced (counted in log.csv), no error
+    num_workers: int | None = None  # DataLoader workers; None = auto: 0 on a CPU (training uses every core), else <= 8
     prefetch_factor: int = 2  # micro-batches each worker prepares ahead
     # Bring your own data (data.load_pairs): a folder of images with metadata.jsonl/.csv, a .jsonl/.csv file of
     # (image path, caption), parquet shards, a saved or hub `datasets` dataset. "" = COCO at `root`.

@@ -432,6 +432,7 @@ class SkipCounter:
 
 
 MAX_REPLACEMENT_TRIES = 64
+WORKER_TIMEOUT_S = 600  # a DataLoader worker silent this long (a stuck file system) raises instead of hanging
 
 
 class ImageTextDataset(torch.utils.data.Dataset):

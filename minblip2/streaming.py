@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from . import dist
-from .data import (BadImageError, SkipCounter, _import_datasets_offline, _no_progress_bars, check_parquet, collate,
-                   load_image)
+from .data import (WORKER_TIMEOUT_S, BadImageError, SkipCounter, _import_datasets_offline, _no_progress_bars,
+                   check_parquet, collate, load_image)
 
 
 def list_shards(source) -> list[str]:
@@ -108,7 +108,7 @@ class RecordStream(torch.utils.data.IterableDataset):
             return out
 
         ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
-        ds = ds.map(expand, batched=True, remove_columns=list(ds.features))
+        ds = ds.map(expand, batched=True, batch_size=64, remove_columns=list(ds.features))  # 64 rows of bytes at a time
 
         def rows():
             for batch in ds.iter(batch_size=64):  # .iter: no automatic split by DataLoader worker (we split by batch)
@@ -227,7 +227,8 @@ class StreamingData:
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=self.prefetch_factor if workers else None,
-                                             persistent_workers=workers > 0, generator=torch.Generator())
+                                             persistent_workers=workers > 0, generator=torch.Generator(),
+                                             timeout=WORKER_TIMEOUT_S if workers else 0)
         it = iter(loader)
         for _ in range(start, end):
             step = [next(it) for _ in range(t.grad_accum)]

@@ -5,7 +5,6 @@ The training loop (train.py) is the same for both stages; this file holds the di
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 from . import dist
 from .backbones import load_bert, load_image_encoder, load_llm
 from .config import Config, DataConfig, TrainConfig
-from .data import ImageTextDataset, Pairs, load_coco, load_pairs, pairs_from_records, to_model_input, tokenize, train_transform
+from .data import (WORKER_TIMEOUT_S, ImageTextDataset, Pairs, load_coco, load_pairs, pairs_from_records, to_model_input,
+                   tokenize, train_transform)
 from .features import cached_features
 from .qformer import load_bert_weights
 from .stage1 import Stage1Model
@@ -53,7 +53,7 @@ class StepSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         per_epoch, perm_epoch, perm = self.n // self.global_batch, None, None
-        rank, world, b = dist.rank(), dist.world_size(), self.batch_size * self.grad_accum
+        rank, b = dist.rank(), self.batch_size * self.grad_accum
         for step in range(self.start, self.end):
             epoch, i = divmod(step, per_epoch)
             if epoch != perm_epoch:  # = train.batch_indices, one permutation per epoch instead of one per step
@@ -134,7 +134,8 @@ class ImageTextData:
         loader = torch.utils.data.DataLoader(
             self.dataset(seed=t.seed), batch_sampler=sampler, collate_fn=_as_is, num_workers=workers,
             pin_memory=device.type == "cuda", prefetch_factor=self.prefetch_factor if workers else None,
-            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed))  # not the global RNG
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed),  # not the global RNG
+            timeout=WORKER_TIMEOUT_S if workers else 0)
         it = iter(loader)
         for _ in range(start, end):
             yield [next(it) for _ in range(t.grad_accum)]

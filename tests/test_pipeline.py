@@ -326,3 +326,22 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20, tuple
     assert "(5000, 25000) (25000, 5000)" in p.stdout
     print(f"retrieval at COCO-5k shapes: peak memory increase {float(peak_gib):.2f} GiB")
     assert float(peak_gib) < 2.0
+
+
+def test_recall_counts_ranks_like_a_stable_sort():
+    """recall_at_k counts ranks in chunks instead of sorting; ties keep column order, as a stable sort would."""
+    from minblip2.retrieval import recall_at_k
+
+    def by_sorting(i2t, t2i, t2img, ks):
+        tr = (t2img[i2t.argsort(dim=1, descending=True, stable=True)] == torch.arange(len(i2t)).unsqueeze(1)).float()
+        ir = (t2i.argsort(dim=1, descending=True, stable=True) == t2img.unsqueeze(1)).float()
+        tr, ir = tr.argmax(1), ir.argmax(1)
+        return {**{f"TR@{k}": round(100 * (tr < k).float().mean().item(), 2) for k in ks},
+                **{f"IR@{k}": round(100 * (ir < k).float().mean().item(), 2) for k in ks}}
+    for seed, levels in ((0, 3), (1, 10), (2, 10**6)):  # many ties, some, none
+        g = torch.Generator().manual_seed(seed)
+        t2img = torch.cat([torch.arange(30), torch.randint(0, 30, (120,), generator=g)])
+        i2t = torch.randint(0, levels, (30, 150), generator=g).float()
+        t2i = torch.randint(0, levels, (150, 30), generator=g).float()
+        ks = (1, 5, 10, 40)
+        assert recall_at_k(i2t, t2i, t2img, ks, budget=1000) == by_sorting(i2t, t2i, t2img, ks)
