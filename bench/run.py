@@ -7,6 +7,8 @@
        FLOP/s as a fraction of this machine's matmul FLOP/s measured in the same rounds
     4. stage 2: the frozen LLM stored in bf16 vs fp32 (training step and captioning), and captioning speed,
        greedy vs beam search
+    5. the data path: train()'s DataLoader loop vs the same steps on pre-staged batches, cached and computed
+       image features (bench/data_path.py, also runnable alone and callable from scripts/gpu_check.py)
 
 Writes bench/results.json and bench/results.md (--quick: results-quick.*, so a smoke test never overwrites
 real numbers). bench/README.md explains how to read them.
@@ -39,6 +41,7 @@ sys.path.insert(0, str(BENCH))  # hf_reference.py lives beside this file
 
 import transformers  # noqa: E402
 
+import data_path  # noqa: E402
 from hf_reference import HFStage1Reference  # noqa: E402
 from minblip2.backbones import load_image_encoder  # noqa: E402
 from minblip2.config import cpu as cpu_preset  # noqa: E402
@@ -680,11 +683,14 @@ def main(argv=None):
     bench_wins(cfg, S, device, res)
     stage2 = bench_scaling(cfg, S, device, res)
     bench_stage2(cfg, S, device, res, stage2)
+    section("5 data path: train()'s DataLoader loop vs the same steps on pre-staged batches (bench/data_path.py)")
+    res["data_path"] = data_path.bench(cpu_preset(), device, batch=S.batch, steps=1 if args.quick else 2,
+                                       rounds=S.rounds // 2 or 1)
 
     res["meta"]["wall_s"] = time.time() - T0
     stem = "results-quick" if args.quick else "results"
     (BENCH / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(res)
+    md = markdown(res) + "\n\n## 5. Data path\n\n" + data_path.markdown(res["data_path"])
     (BENCH / f"{stem}.md").write_text(md + "\n")
     print("\n" + md)
     print(f"\nwrote {BENCH / stem}.json and .md in {res['meta']['wall_s']:.0f} s")

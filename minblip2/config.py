@@ -62,8 +62,16 @@ class DataConfig:
     root: str = ""  # coco-mini (or full COCO) directory; "" = $MINBLIP2_DATA, else the default (see data.py)
     max_text_len: int = 32  # tokens per caption (Q-Former tokenizer and LLM)
     augmented_views: int = 0  # cached features: this many random crop + flip views per image besides the center crop
-    skip_bad_images: bool = False  # True: skip unreadable images with a counted warning instead of raising
-    num_workers: int = 0
+    skip_bad_images: bool = False  # True: an unreadable image's sample is replaced (counted in log.csv), no error
+    num_workers: int | None = None  # DataLoader workers; None = auto: 0 on a CPU (training uses every core), else <= 8
+    prefetch_factor: int = 2  # micro-batches each worker prepares ahead
+    # Bring your own data (data.load_pairs): a folder of images with metadata.jsonl/.csv, a .jsonl/.csv file of
+    # (image path, caption), parquet shards, a saved or hub `datasets` dataset. "" = COCO at `root`.
+    source: str = ""
+    image_column: str = ""  # "" = the first of image, image_path, file_name, file, path, jpg, png
+    text_column: str = ""  # "" = the first of caption, captions, text, txt
+    streaming: bool = False  # read `source` (parquet shards) as a stream: for data that does not fit in RAM
+    shuffle_buffer: int = 1000  # streaming: samples held in the shuffle buffer
 
 
 @dataclass

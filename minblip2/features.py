@@ -4,70 +4,159 @@ The image encoder is frozen, so without augmentation its output for an image nev
 it once instead of every epoch is the biggest saving on a CPU (the ViT forward costs more than the whole
 Q-Former step). The price would be no random crops/flips during training, and on a few hundred images
 the Q-Former then overfits within a few epochs. So the cache can also hold a few augmented VIEWS of each
-image (`DataConfig.augmented_views`: random crop + flip, fixed once, each computed with its own seed);
+image (`DataConfig.augmented_views`: random crop + flip, fixed once, each drawn from its own seed);
 training samples cycle through them. `TrainConfig.cache_features=False` augments afresh at every step.
+
+On disk (format v2): one float16 `.npy` file per view, (num_images, tokens, width), read memory-mapped: a
+batch reads only its rows, and no process holds the whole bank in RAM (COCO's train split through ViT-g is
+~82 GB per view). Under DDP every process encodes its own share of the images, with DataLoader workers
+decoding, straight into the one shared file. (v1, `<name>-<size>-<key>.safetensors`, was written by rank
+0 alone and loaded whole into every process; v2 files have another name, so a v1 file is never misread.)
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from . import dist
 from .config import VisionConfig, default_cache_dir
-from .data import ImageDataset, eval_transform, train_transform
+from .data import BadImageError, ImageDataset, eval_transform, image_size, to_model_input, view_crops
+
+FORMAT = "v2"
 
 
-def cache_key(vcfg: VisionConfig, image_paths: list[str], view: int = 0) -> str:
+def cache_key(vcfg: VisionConfig, image_paths, view: int = 0) -> str:
     h = hashlib.sha256()
     h.update(f"{vcfg.name}|{vcfg.weights}|{vcfg.img_size}|{vcfg.drop_last_block}".encode())
     if view:
         h.update(f"|augmented view {view}".encode())
     for p in image_paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+        if isinstance(p, (str, os.PathLike)):
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+        else:  # an image stored in a dataset ({"bytes", "path"} or bytes): its size and a digest of its ends
+            b = p.get("bytes") or b"" if isinstance(p, dict) else bytes(p)
+            h.update(f"{p.get('path') if isinstance(p, dict) else ''}|{len(b)}|".encode() + b[:4096] + b[-4096:])
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def encode_images(encoder, image_paths: list[str], batch_size: int = 32, device="cpu", amp: str = "none",
-                  progress: bool = True, view: int = 0) -> torch.Tensor:
-    """Run the frozen encoder over images -> (N, tokens, width) float16 on the CPU.
+def feature_path(vcfg: VisionConfig, image_paths, view: int = 0, cache_dir=None) -> Path:
+    cache_dir = Path(cache_dir or default_cache_dir()) / "features"
+    return cache_dir / f"{vcfg.name}-{vcfg.img_size}-{cache_key(vcfg, image_paths, view)}.{FORMAT}.npy"
 
-    view 0: the eval transform (resize + center crop); view v > 0: the training augmentation, its random
-    crops drawn from seed v (the same view every time it is computed). Every image must be readable (a bad
-    one raises BadImageError naming the file): rows must stay aligned with `image_paths`."""
-    make = train_transform if view else eval_transform
-    ds = ImageDataset(image_paths, make(encoder.img_size, encoder.mean, encoder.std))
-    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_stack)
-    out = []
-    with torch.random.fork_rng(devices=[]):  # the crops' seed must not disturb the caller's random state
-        torch.manual_seed(view)
-        for images in dist.progress_bar(dl, progress, desc=f"image features (view {view})" if view else "image features"):
-            with dist.autocast(amp, device):
-                out.append(encoder(images.to(device)).float().half().cpu())
-    return torch.cat(out)
+
+def open_features(path) -> torch.Tensor:
+    """A cached (num_images, tokens, width) float16 bank as a tensor over the memory-mapped file (nothing is
+    read until indexed). Copy-on-write: writing to the tensor never changes the file."""
+    t = torch.from_numpy(np.load(path, mmap_mode="c"))
+    t.mmap_path = str(path)  # DataLoader workers reopen the file by name instead of receiving its bytes
+    return t
+
+
+class _Rows:
+    """images[lo:hi] without copying a lazy column."""
+
+    def __init__(self, images, lo, hi):
+        self.images, self.lo, self.hi = images, lo, hi
+
+    def __len__(self):
+        return self.hi - self.lo
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.images[self.lo + i]
 
 
 def _stack(batch):
     return torch.stack([b["image"] for b in batch])
 
 
-def cached_features(encoder, vcfg: VisionConfig, image_paths: list[str], cache_dir=None, view: int = 0,
-                    **kw) -> torch.Tensor:
+def _feature_shape(encoder, device) -> tuple[int, int]:
+    if hasattr(encoder, "num_tokens") and hasattr(encoder, "num_features"):
+        return encoder.num_tokens, encoder.num_features
+    x = torch.zeros(1, 3, encoder.img_size, encoder.img_size, device=device)
+    return tuple(encoder(x).shape[1:])
+
+
+@torch.no_grad()
+def _encode_rows(encoder, images, lo: int, hi: int, out, view: int, batch_size: int, device, amp: str,
+                 progress: bool, num_workers: int):
+    """Encode images[lo:hi] into out[lo:hi] (a numpy array: in memory or memory-mapped), batch by batch."""
+    if hi <= lo:
+        return
+    device = torch.device(device)
+    crops = None
+    if view:  # the crops depend on every earlier image's size (one random stream): draw them up to hi
+        crops = view_crops([image_size(images[i]) for i in range(hi)], view, encoder.img_size)[lo:hi]
+    ds = ImageDataset(_Rows(images, lo, hi), eval_transform(encoder.img_size, encoder.mean, encoder.std, normalize=False),
+                      crops=crops, img_size=encoder.img_size)
+    dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_stack, num_workers=num_workers,
+                    pin_memory=device.type == "cuda", generator=torch.Generator())  # own generator: the caller's RNG is untouched
+    pos = lo
+    desc = f"image features (view {view})" if view else "image features"
+    try:
+        for pixels in dist.progress_bar(dl, progress, desc=desc):
+            x = to_model_input(pixels.to(device, non_blocking=True), encoder.mean, encoder.std)
+            with dist.autocast(amp, device):
+                out[pos:pos + len(x)] = encoder(x).float().half().cpu().numpy()
+            pos += len(x)
+    except BadImageError as e:  # (from a worker, the message holds the worker's traceback: keep the one line)
+        what = next((line for line in str(e).splitlines() if "cannot read image" in line), str(e))
+        what = what.split("BadImageError: ")[-1].split(". To skip")[0]
+        raise BadImageError(f"{what}. The feature cache needs every image: replace or remove that file, or train "
+                            f"without the cache (--stage1.cache_features=False; there --data.skip_bad_images=True "
+                            f"replaces unreadable images, counted in log.csv)") from e
+
+
+def encode_images(encoder, image_paths, batch_size: int = 32, device="cpu", amp: str = "none",
+                  progress: bool = True, view: int = 0, num_workers: int = 0) -> torch.Tensor:
+    """Run the frozen encoder over images -> (N, tokens, width) float16 on the CPU, in memory.
+
+    view 0: the eval transform (resize + center crop); view v > 0: the training augmentation, its random
+    crops drawn from seed v (the same view every time it is computed, see data.view_crops). Every image must be
+    readable (a bad one raises BadImageError naming the file): rows must stay aligned with `image_paths`."""
+    n = len(image_paths)
+    out = np.empty((n, *_feature_shape(encoder, device)), dtype=np.float16)
+    _encode_rows(encoder, image_paths, 0, n, out, view, batch_size, device, amp, progress, num_workers)
+    return torch.from_numpy(out)
+
+
+def _broadcast(obj):
+    if not dist.is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cached_features(encoder, vcfg: VisionConfig, image_paths, cache_dir=None, view: int = 0, batch_size: int = 32,
+                    device="cpu", amp: str = "none", progress: bool = True, num_workers: int = 0) -> torch.Tensor:
     """Features for `image_paths` (view 0 = center crop, v > 0 = augmented view v, see encode_images) from
-    the cache, computing (on rank 0) and saving them atomically if absent."""
-    cache_dir = Path(cache_dir or default_cache_dir()) / "features"
-    path = cache_dir / f"{vcfg.name}-{vcfg.img_size}-{cache_key(vcfg, image_paths, view)}.safetensors"
-    if not path.exists() and dist.is_master():
-        feats = encode_images(encoder, image_paths, view=view, **kw)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"features": feats.contiguous()}, str(tmp))
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
-    dist.barrier()
-    return load_file(str(path))["features"]
+    the cache, memory-mapped (see open_features). If absent, every process encodes its share of the images
+    into one shared file (rank 0 creates it, then renames it into place once all are done: atomic)."""
+    path = feature_path(vcfg, image_paths, view, cache_dir)
+    if not _broadcast(path.exists()):  # rank 0 decides, so the processes never disagree
+        n, rank, world = len(image_paths), dist.rank(), dist.world_size()
+        tmp = path.with_name(f".{path.name}.{_broadcast(f'{os.getpid()}-{time.time_ns()}')}.partial")
+        shape = (n, *_feature_shape(encoder, device))
+        if dist.is_master():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()  # a sparse file
+        dist.barrier()
+        out = np.load(tmp, mmap_mode="r+")
+        _encode_rows(encoder, image_paths, n * rank // world, n * (rank + 1) // world, out, view, batch_size, device,
+                     amp, progress, num_workers)
+        out.flush()
+        del out
+        dist.barrier()
+        if dist.is_master():
+            os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+        dist.barrier()
+    return open_features(path)

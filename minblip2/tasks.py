@@ -4,17 +4,64 @@ The training loop (train.py) is the same for both stages; this file holds the di
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import dist
 from .backbones import load_bert, load_image_encoder, load_llm
-from .config import Config
-from .data import load_coco, load_image, pre_caption, tokenize, train_transform
+from .config import Config, DataConfig, TrainConfig
+from .data import (WORKER_TIMEOUT_S, ImageTextDataset, Pairs, load_coco, load_pairs, pairs_from_records,
+                   pre_caption, to_model_input, tokenize, train_transform)
 from .features import cached_features
 from .qformer import load_bert_weights
 from .stage1 import Stage1Model
+
+
+def resolve_num_workers(dcfg: DataConfig, device) -> int:
+    """DataConfig.num_workers, or for None: 0 on a CPU (the training process already uses every core),
+    else the CPU cores this process may use, minus one for itself, at most 8."""
+    if dcfg.num_workers is not None:
+        return int(dcfg.num_workers)
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, per_process - 1))
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This process's micro-batches of sample indices for steps start..end-1, in training order.
+
+    Step s's global batch is train.batch_indices(s, ...) (epoch e = a permutation seeded by seed + e); this
+    process takes its slice (train.local_slice) and cuts it into grad_accum micro-batches. An index is
+    numbered across epochs (j + e * n), so a sample's augmentation differs from epoch to epoch
+    (ImageTextDataset reads it as j % n). A pure function of the step: resuming at any step is exact.
+    """
+
+    def __init__(self, start: int, end: int, n: int, batch_size: int, grad_accum: int, seed: int):
+        self.start, self.end, self.n, self.seed = start, end, n, seed
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.global_batch = batch_size * grad_accum * dist.world_size()
+        if n // self.global_batch == 0:
+            raise ValueError(f"the global batch ({self.global_batch}) is larger than the dataset ({n} samples)")
+
+    def __len__(self):
+        return max(0, self.end - self.start) * self.grad_accum
+
+    def __iter__(self):
+        per_epoch, perm_epoch, perm = self.n // self.global_batch, None, None
+        rank, b = dist.rank(), self.batch_size * self.grad_accum
+        for step in range(self.start, self.end):
+            epoch, i = divmod(step, per_epoch)
+            if epoch != perm_epoch:  # = train.batch_indices, one permutation per epoch instead of one per step
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                perm_epoch = epoch
+            idx = perm[i * self.global_batch:(i + 1) * self.global_batch][rank * b:(rank + 1) * b] + epoch * self.n
+            for m in range(self.grad_accum):
+                yield idx[m * self.batch_size:(m + 1) * self.batch_size]
 
 
 @dataclass
@@ -23,33 +70,42 @@ class ImageTextData:
 
     With cached features and V augmented views, sample j is caption j % num_captions seen through view
     j // num_captions (view 0 = the center crop): an epoch pairs every caption with every view once.
+    Batches come from a DataLoader over `dataset()` (an ImageTextDataset): worker processes decode and crop
+    images (or gather cached rows by index), pinned memory, prefetching; the frozen encoder then runs on the
+    device on the whole batch (`model_inputs`).
     """
 
     captions: list[str]
     image_ids: torch.Tensor  # (num_captions,)
-    image_paths: list[str]  # unique images
+    image_paths: list  # unique images (paths, or {"bytes", "path"} for images stored in a dataset)
     row_of_caption: torch.Tensor  # caption i -> its image's row in image_paths / features
     encoder: torch.nn.Module
-    features: torch.Tensor | None = None  # (num_images, N, D) float16 when cached: the center crops
+    features: torch.Tensor | None = None  # (num_images, N, D) float16 when cached: the center crops (memory-mapped)
     views: list = field(default_factory=list)  # cached augmented views, each like `features`
-    transform: object = None  # augmentation for the uncached path
+    transform: object = None  # augmentation for the uncached path (uint8 pixels out)
     skip_bad: bool = False
+    num_workers: int = 0  # DataLoader worker processes
+    prefetch_factor: int = 2
 
     @classmethod
     def build(cls, cfg: Config, split: str, cache: bool, device) -> "ImageTextData":
-        recs = load_coco(cfg.data.root, split, per="caption")
-        paths = list(dict.fromkeys(recs["image_path"]))
-        row = {p: i for i, p in enumerate(paths)}
-        encoder = load_image_encoder(cfg.vision).to(device)
-        data = cls(list(recs["caption"]), torch.tensor(recs["image_id"]), paths,
-                   torch.tensor([row[p] for p in recs["image_path"]]), encoder, skip_bad=cfg.data.skip_bad_images)
-        if cache:
-            amp = "bf16" if device.type == "cpu" else "fp16"
-            data.features = cached_features(encoder, cfg.vision, paths, device=device, amp=amp)
-            data.views = [cached_features(encoder, cfg.vision, paths, view=v, device=device, amp=amp)
-                          for v in range(1, cfg.data.augmented_views + 1)]
+        """COCO's `split` (cfg.data.root), or your own data (cfg.data.source, see data.load_pairs)."""
+        d = cfg.data
+        if d.source:
+            pairs = load_pairs(d.source, d.image_column, d.text_column, split)
         else:
-            data.transform = train_transform(encoder.img_size, encoder.mean, encoder.std)
+            pairs = pairs_from_records(load_coco(d.root, split, per="caption"))
+        encoder = load_image_encoder(cfg.vision).to(device)
+        workers = resolve_num_workers(d, device)
+        data = cls(pairs.captions, pairs.image_ids, pairs.images, pairs.row_of_caption, encoder,
+                   skip_bad=d.skip_bad_images, num_workers=workers, prefetch_factor=d.prefetch_factor)
+        if cache:
+            kw = dict(device=device, amp="bf16" if device.type == "cpu" else "fp16", num_workers=workers)
+            data.features = cached_features(encoder, cfg.vision, pairs.images, **kw)
+            data.views = [cached_features(encoder, cfg.vision, pairs.images, view=v, **kw)
+                          for v in range(1, d.augmented_views + 1)]
+        else:
+            data.transform = train_transform(encoder.img_size, encoder.mean, encoder.std, normalize=False)
         return data
 
     def __len__(self):
@@ -58,29 +114,57 @@ class ImageTextData:
     @property
     def all_views(self) -> list:
         """[center crops, augmented view 1, ...]: view v of sample j's image is all_views[v][row]."""
-        return [self.features] + self.views
+        return [self.features] + self.views if self.features is not None else []
 
     @property
     def num_samples(self) -> int:
         return len(self.captions) * (1 + len(self.views))
 
+    def dataset(self, seed: int | None = None) -> ImageTextDataset:
+        """The Dataset the DataLoader reads (built on demand: the fields above may be swapped, as the sweeps do)."""
+        pairs = Pairs(self.captions, self.image_ids, self.image_paths, self.row_of_caption)
+        return ImageTextDataset.from_pairs(pairs, views=self.all_views, transform=self.transform,
+                                           skip_bad=self.skip_bad, seed=seed)
+
+    def batches(self, start: int, end: int, t: TrainConfig, device):
+        """This process's data for steps start..end-1: per step, a list of t.grad_accum micro-batches (dicts)."""
+        device = torch.device(device)
+        sampler = StepSampler(start, end, self.num_samples, t.batch_size, t.grad_accum, t.seed)
+        workers = self.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset(seed=t.seed), batch_sampler=sampler, collate_fn=_as_is, num_workers=workers,
+            pin_memory=device.type == "cuda", prefetch_factor=self.prefetch_factor if workers else None,
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(t.seed),  # not the global RNG
+            timeout=WORKER_TIMEOUT_S if workers else 0)
+        it = iter(loader)
+        for _ in range(start, end):
+            yield [next(it) for _ in range(t.grad_accum)]
+
+    def model_inputs(self, batch: dict, device):
+        """A batch -> (image tokens (B, N, D) float32 on `device`, captions, image ids on `device`)."""
+        return encode_batch(self.encoder, batch, device)
+
     def batch(self, idx: torch.Tensor, device):
         """(image tokens (B, N, D) float32, captions, image ids) for sample indices `idx`."""
-        view, idx = idx // len(self.captions), idx % len(self.captions)
-        rows = self.row_of_caption[idx]
-        if self.features is not None:
-            views = self.all_views
-            # float32 before stacking: train() calls this under autocast, which rejects stacking float16 on a CPU
-            emb = torch.stack([views[v][r].float() for v, r in zip(view.tolist(), rows.tolist())]).to(device)
-        else:  # augment and encode now; the encoder is frozen, so no graph is kept
-            imgs = [load_image(self.image_paths[r], skip_bad=self.skip_bad) for r in rows.tolist()]
-            keep = [i for i, im in enumerate(imgs) if im is not None]
-            if len(keep) < len(imgs):
-                print(f"skipped {len(imgs) - len(keep)} unreadable image(s) in this batch")
-            idx = idx[keep]
-            with torch.no_grad():
-                emb = self.encoder(torch.stack([self.transform(imgs[i]) for i in keep]).to(device))
-        return emb, [self.captions[i] for i in idx.tolist()], self.image_ids[idx].to(device)
+        return self.model_inputs(self.dataset().__getitems__(idx), device)
+
+
+def encode_batch(encoder, batch: dict, device):
+    """A batch from the DataLoader -> (image tokens (B, N, D) float32 on `device`, captions, image ids on `device`).
+    Cached rows are copied (non_blocking: from pinned memory on a GPU) and cast; uint8 pixels are copied,
+    normalised and encoded by the frozen encoder on the device, the whole batch at once."""
+    ids = batch["image_id"].to(device, non_blocking=True)
+    if "features" in batch:
+        return batch["features"].to(device, non_blocking=True).float(), batch["caption"], ids
+    pixels = batch["image"].to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = to_model_input(pixels, encoder.mean, encoder.std)
+    with torch.no_grad():  # the encoder is frozen: no graph is kept
+        return encoder(pixels), batch["caption"], ids
+
+
+def _as_is(batch):
+    return batch  # ImageTextDataset.__getitems__ already returns the collated batch
 
 
 @dataclass
@@ -96,15 +180,34 @@ class StageTask:
     def num_samples(self):
         return self.data.num_samples
 
-    def loss(self, model, idx, device, generator=None) -> dict:
-        """generator: stage 1's ITM negative sampling (train.py passes one seeded by the step, alike in every
-        process); stage 2 ignores it."""
-        emb, caps, ids = self.data.batch(idx, device)
+    def batches(self, start: int, end: int, t: TrainConfig, device):
+        """What train() iterates: per step, this process's t.grad_accum micro-batches."""
+        return self.data.batches(start, end, t, device)
+
+    def data_state(self):
+        """Where the data stands, for the checkpoint (a stream's position; None for indexed data: the step says it)."""
+        return self.data.data_state() if hasattr(self.data, "data_state") else None
+
+    def load_data_state(self, state):
+        if hasattr(self.data, "load_data_state"):
+            self.data.load_data_state(state)
+
+    def loss(self, model, batch, device, generator=None) -> dict:
+        """batch: a micro-batch from `batches`, or sample indices (a LongTensor). generator: stage 1's ITM negative
+        sampling (train.py passes one seeded by the step, alike in every process); stage 2 ignores it."""
+        if torch.is_tensor(batch):  # sample indices (lessons, tests): the data looks them up
+            (emb, caps, ids), batch = self.data.batch(batch, device), {}
+        else:
+            emb, caps, ids = self.data.model_inputs(batch, device)
         if self.stage == 1:
             tok = tokenize(self.tokenizer, caps, self.max_text_len)
-            return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids,
-                         generator=generator)
-        return model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
+            out = model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids,
+                        generator=generator)
+        else:
+            out = model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
+        if getattr(self.data, "skip_bad", False):  # train() logs the step's total over micro-batches and processes
+            out = {**out, "bad_images": torch.tensor(float(batch.get("num_skipped", 0)), device=device)}
+        return out
 
 
 def build_stage1_model(cfg: Config):
@@ -142,7 +245,15 @@ def build_stage2_model(cfg: Config, stage1_dir: str | Path | None = None):
 
 def build_task(cfg: Config, stage: int, device, stage1_dir=None) -> StageTask:
     t = cfg.stage1 if stage == 1 else cfg.stage2
-    data = ImageTextData.build(cfg, "train", t.cache_features, device)
+    if cfg.data.streaming:  # parquet shards read as a stream (streaming.py); images are encoded at every step
+        from .streaming import StreamingData
+
+        if not cfg.data.source:
+            raise ValueError("--data.streaming=True reads --data.source=SHARDS (a folder of parquet files, see "
+                             "data/write_shards.py)")
+        data = StreamingData.build(cfg, device)
+    else:
+        data = ImageTextData.build(cfg, "train", t.cache_features, device)
     if stage == 1:
         model, tokenizer = build_stage1_model(cfg)
         unused = set(cfg.stage1.losses) != {"itc", "itm", "itg"}

@@ -117,7 +117,7 @@ def load_trainable_state(model, state: dict[str, torch.Tensor], source: str = "c
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scaler, cfg: Config, keep: int = 2,
-                    rng: list | None = None) -> Path:
+                    rng: list | None = None, data_state=None) -> Path:
     """Write ckpt-<step>/ into a temp dir, rename it into place, then point `latest` at it (both atomic).
 
     A crash at any moment leaves `latest` naming a complete checkpoint: a half-written one is never read.
@@ -129,7 +129,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scaler, cfg: C
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), str(tmp / "model.safetensors"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng or [_rng_state()]},
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng or [_rng_state()],
+                "data_state": data_state},  # a streamed source's position (tasks.py); None: the step says it
                tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     shutil.rmtree(final, ignore_errors=True)
@@ -148,8 +149,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
-def load_checkpoint(path: Path, model, optimizer=None, scaler=None) -> int:
-    """Restore weights (+ optimizer, scaler and RNG when given); returns the step to continue from."""
+def load_checkpoint(path: Path, model, optimizer=None, scaler=None, task=None) -> int:
+    """Restore weights (+ optimizer, scaler and RNG when given, + the data position when a task is given);
+    returns the step to continue from."""
     try:
         weights = load_file(str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
@@ -168,6 +170,8 @@ def load_checkpoint(path: Path, model, optimizer=None, scaler=None) -> int:
         if len(rngs) != dist.world_size() and dist.is_master():
             print(f"note: {path} was written by {len(rngs)} process(es), this run has {dist.world_size()}: the data "
                   f"order is the same, the random streams (dropout) are not those of an uninterrupted run")
+    if task is not None and hasattr(task, "load_data_state"):
+        task.load_data_state(state.get("data_state"))
     return state["step"]
 
 
@@ -233,7 +237,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
 
     start = 0
     if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scaler)
+        start = load_checkpoint(ckpt, model, optimizer, scaler, task=task)
         if dist.is_master():
             print(f"resuming stage {stage} from {ckpt} (step {start})")
     log_rows = _read_log(run_dir / "log.csv", upto=start)
@@ -252,6 +256,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
               f"micro-batch x {dist.world_size()} process(es), not with the global batch of {global_batch} "
               f"(grad_accum={t.grad_accum} splits it); see the README, 'Scaling up'")
     end = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
+    batches = task.batches(start, end, t, device)  # this process's micro-batches, step by step (tasks.py: a DataLoader)
     model.train()
     bar = dist.progress_bar(range(start, end), progress, desc=f"stage {stage}", initial=start, total=t.max_steps,
                             dynamic_ncols=True)
@@ -261,10 +266,9 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         lr = lr_at(step, t)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        idx = local_slice(batch_indices(step, task.num_samples, global_batch, t.seed))
+        micro_batches = next(batches)
         sums = {}  # the logged losses, summed over micro-batches ON the device: no host sync per micro-batch
-        for micro in range(t.grad_accum):
-            mb = idx[micro * t.batch_size:(micro + 1) * t.batch_size]
+        for micro, mb in enumerate(micro_batches):
             sync = micro == t.grad_accum - 1 or dist.world_size() == 1
             ctx = nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()
             with ctx:
@@ -299,6 +303,8 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
             _nan_stop(stage, step, {**metrics, "grad_norm": grad_norm}, ckpt_root)
         optimizer.zero_grad(set_to_none=True)
 
+        if "bad_images" in metrics:  # a count, not a mean: unreadable images replaced in this step, all processes
+            metrics["bad_images"] = round(metrics["bad_images"] * t.grad_accum * dist.world_size())
         row = {"step": step + 1, "lr": lr, **{k: round(v, 6) for k, v in metrics.items()},
                "grad_norm": round(grad_norm, 4), "time": round(time.time() - t0, 2)}
         if scaler:
@@ -308,13 +314,14 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         ckpt = done % t.ckpt_every == 0 or done == end
         # every process's random state (a collective: all of them take part), so a resume is exact per process
         rng = dist.all_gather_object(_rng_state()) if ckpt else None
+        data_state = task.data_state() if ckpt and hasattr(task, "data_state") else None  # every process
         if dist.is_master():
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}")
             # the log first, whenever a checkpoint follows: a resume keeps the log rows up to its checkpoint
             if ckpt or done % t.log_every == 0:
                 _write_log(run_dir / "log.csv", log_rows)
             if ckpt:
-                save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg, rng=rng)
+                save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg, rng=rng, data_state=data_state)
         dist.barrier()
     if dist.is_master() and log_rows:
         _write_log(run_dir / "log.csv", log_rows)

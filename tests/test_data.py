@@ -168,16 +168,24 @@ def test_bad_images(tmp_path):
         load_image(tmp_path / "text.jpg")
 
 
-def test_skip_bad_images_are_dropped_and_counted(tmp_path, tokenizer):
+def test_skip_bad_images_are_replaced_in_a_loader_and_dropped_by_collate(tmp_path, tokenizer):
     root = make_root(tmp_path)
     (root / "images/000000000001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     records = load_coco(root, "train")  # 3 captions, the third one's image is bad
     ds = ImageTextDataset(records, eval_transform(32, MEAN, STD), tokenizer, skip_bad=True)
     with pytest.warns(UserWarning, match="000000000001.jpg"):
         batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=ds.collate_fn)))
-    assert batch["num_skipped"] == 1 and batch["image"].shape == (2, 3, 32, 32)
-    assert batch["image_id"].tolist() == [0, 0] and batch["input_ids"].shape[0] == 2
+    # a DataLoader batch keeps its size: the bad sample's place goes to the next readable one (sample 0)
+    assert batch["num_skipped"] == 1 and batch["image"].shape == (3, 3, 32, 32)
+    assert batch["image_id"].tolist() == [0, 0, 0] and batch["index"].tolist() == [0, 1, 0]
+    assert batch["input_ids"].shape[0] == 3
+    b = ds.collate_fn([ds[0], ds[1], ds[2]])  # collating items by hand drops it instead
+    assert b["num_skipped"] == 1 and b["image_id"].tolist() == [0, 0]
     assert collate([None, None]) is None  # an all-bad batch
+    everything_bad = ImageTextDataset(records, eval_transform(32, MEAN, STD), skip_bad=True)
+    everything_bad.images = [str(root / "missing.jpg")] * 2
+    with pytest.warns(UserWarning), pytest.raises(BadImageError, match="no readable image"):
+        everything_bad.__getitems__([0, 1])  # an error, not an endless search
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         assert ds.skipped.report() == 1
     strict = ImageTextDataset(records, eval_transform(32, MEAN, STD))
