@@ -23,9 +23,9 @@ test: data
 unit: setup
 	$(PY) -m pytest -q tests
 
-# re-execute every lesson in place (stores fresh outputs; run before committing a lesson change)
+# re-execute every lesson and its solutions in place (stores fresh outputs, clears `coco-data` cells)
 lessons: data
-	$(PY) scripts/execute_lessons.py lessons/*.ipynb
+	$(PY) scripts/execute_lessons.py lessons/*.ipynb lessons/solutions/*.ipynb
 
 # speed benchmarks (~8 min on 2 quiet cores): rewrites bench/results.json and bench/results.md
 bench: setup

@@ -3,12 +3,17 @@
 
     .venv/bin/python scripts/execute_lessons.py lessons/*.ipynb          (what `make lessons` runs)
     .venv/bin/python scripts/execute_lessons.py lessons/02_qformer.ipynb --timeout 120
+    .venv/bin/python scripts/execute_lessons.py lessons/solutions/*.ipynb            (the exercises' solutions)
 
 - The kernel is THIS interpreter (sys.executable), whatever kernelspecs are installed: a `python3`
   kernelspec installed with `--user` from another environment would otherwise silently run the
   notebooks there (the "kernel trap"; nbval's --nbval-current-env avoids it the same way).
-- Each notebook runs with its own folder (lessons/) as the working directory, with a per-cell timeout.
+- Each notebook runs with its own folder (lessons/, lessons/solutions/) as the working directory, with a
+  per-cell timeout.
 - Diffs stay clean: no execution-timing metadata, no widget state, no widget outputs.
+- Cells tagged `coco-data` (COCO_TAG) run like any other, but are stored with NO outputs: they show COCO photos
+  and human captions, which are not ours to republish (lessons/course.py's `show_coco` draws them). A learner
+  running a lesson sees them; the committed notebook never contains them (tests/test_lessons_clean.py checks).
 - A notebook whose cell raises is NOT written back; the script reports it and exits with status 1.
 - `--threads N` sets OMP_NUM_THREADS for the kernels. On a machine busy with other work, `--threads 1` avoids
   OpenMP oversubscription, which can make small PyTorch ops 10-70x slower (measured on 2 shared cores).
@@ -28,6 +33,7 @@ from nbconvert.preprocessors import CellExecutionError, ExecutePreprocessor
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+COCO_TAG = "coco-data"  # cells that display COCO data: executed, stored without outputs
 
 
 class CurrentEnvKernelManager(AsyncKernelManager):
@@ -54,7 +60,7 @@ def merge_streams(outputs: list) -> list:
 
 def clean(nb) -> None:
     """Drop what changes on every run without meaning anything: timings, widget state, widget views, and
-    the run-dependent splitting of printed text into chunks."""
+    the run-dependent splitting of printed text into chunks; and every output of a cell tagged COCO_TAG."""
     nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     for cell in nb.cells:
@@ -62,6 +68,10 @@ def clean(nb) -> None:
         cell.metadata.pop("ExecuteTime", None)  # the ExecuteTime extension's
         cell.metadata.pop("collapsed", None)
         if cell.cell_type != "code":
+            continue
+        if COCO_TAG in cell.metadata.get("tags", []):
+            cell.outputs = []  # COCO photos / captions: shown when the lesson runs, never stored
+            cell.execution_count = None
             continue
         for out in cell.outputs:
             data = out.get("data")
