@@ -1,4 +1,4 @@
-"""Tiny made-up image folders and a tiny image-encoder config for the data-pipeline tests (tests/test_pipeline.py).
+"""Tiny made-up image folders and a tiny image-encoder config for the data-pipeline tests (tests/test_data_pipeline.py).
 
 As a script it trains stage 1 on such a folder, or caches its features (the 2-process tests under torchrun):
 

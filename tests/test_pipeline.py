@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 
 from minblip2 import caption, pipeline, search
 from minblip2.config import Config, DataConfig, LLMConfig, QFormerConfig, Stage1Config, Stage2Config, VisionConfig
