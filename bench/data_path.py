@@ -53,9 +53,12 @@ def _on_device(batch: dict, device) -> dict:
 
 
 def bench(cfg=None, device=None, kinds=("cached", "computed"), steps: int = 3, rounds: int = 4, warmup: int = 1,
-          batch: int | None = None, workers: int | None = None, quiet: bool = False) -> dict:
+          batch: int | None = None, workers: int | None = None, quiet: bool = False, model=None,
+          tokenizer=None) -> dict:
     """{kind: {"loop_samples_per_s", "staged_samples_per_s", "ratio": {median, q1, q3}, ...}} (see the module doc).
-    cfg: a Config (default: the cpu preset); batch / workers override cfg's stage-1 batch size / data.num_workers."""
+    cfg: a Config (default: the cpu preset); batch / workers override cfg's stage-1 batch size / data.num_workers.
+    model, tokenizer: a Stage1Model and its tokenizer to time (default: built from cfg; scripts/gpu_check.py passes
+    a random paper-shape model and a made-up tokenizer, so no hub is needed)."""
     from minblip2.tasks import ImageTextData, StageTask, build_stage1_model
     from minblip2.train import build_optimizer
 
@@ -68,7 +71,8 @@ def bench(cfg=None, device=None, kinds=("cached", "computed"), steps: int = 3, r
         cfg.data.num_workers = workers
     cfg.data.augmented_views = 0  # the center crops suffice to time the path (and keep the first-run cache small)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    model, tokenizer = build_stage1_model(cfg)
+    if model is None:
+        model, tokenizer = build_stage1_model(cfg)
     model = model.to(device).train()
     opt = build_optimizer(model, t)
     out = {"device": str(device), "batch": t.batch_size, "grad_accum": t.grad_accum, "steps_per_round": steps,

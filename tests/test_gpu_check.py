@@ -31,6 +31,10 @@ def test_tiny_mode_runs_every_check_and_writes_json(tmp_path):
         assert 0.5 < r["estimate_over_peak"] < 2, r  # the CPU profiler's peak vs the dry run's estimate
     assert report["beam_search"]["beams"] == 5 and report["beam_search"]["seconds"] > 0
     assert "| stage 2, tiny OPT | 8 x 1 |" in p.stdout and "beam search" in p.stdout
+    # the data path (bench/data_path.py): the training loop's rate over the rate on pre-staged batches
+    assert set(report["data_path"]) == {"cached", "computed"}
+    assert all(r["median"] > 0 and r["q1"] <= r["median"] <= r["q3"] for r in report["data_path"].values())
+    assert "data path, cached features" in p.stdout
 
 
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
