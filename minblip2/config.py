@@ -91,6 +91,9 @@ class TrainConfig:
     max_overflow_steps: int = 20  # fp16: stop after this many steps IN A ROW skipped for inf/NaN gradients
     compile: bool = False  # torch.compile the training step: GPUs only (refused on CPU, see train.check_compile)
     cache_features: bool = True  # precompute frozen image features once (no augmentation) -- the big CPU win
+    # the weights that came pretrained (stage 1: from BERT; stage 2: from stage 1) stay frozen for this many steps
+    # while the fresh ones (stage 2: llm_proj) learn alone first ("linear probing, then fine-tuning"); 0 = paper
+    pretrained_frozen_steps: int = 0
     seed: int = 1337
     log_every: int = 10
     ckpt_every: int = 200
@@ -325,7 +328,8 @@ RULES = {
                      "layer_norm_eps", "max_text_len", "lr", "batch_size", "grad_accum", "init_temp", "num_beams",
                      "max_new_tokens", "log_every", "ckpt_every"], POSITIVE),
     **dict.fromkeys(["query_init_std", "pad_token_id", "dec_token_id", "augmented_views", "num_workers", "min_lr",
-                     "warmup_steps", "max_steps", "weight_decay", "grad_clip", "eval_every", "itm_rerank_k",
+                     "warmup_steps", "max_steps", "pretrained_frozen_steps", "weight_decay", "grad_clip", "eval_every",
+                     "itm_rerank_k",
                      "pretrained_lr_scale", "no_repeat_ngram_size"], NON_NEGATIVE),
     **dict.fromkeys(["dropout", "label_smoothing"], ((lambda v: 0 <= v < 1), "in [0, 1)")),
     "betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),

@@ -58,8 +58,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
             continue
         decay = p.ndim >= 2 and "norm" not in n
         lr_scale = scale if n in slow else 1.0
-        g = groups.setdefault((decay, lr_scale), {"params": [], "weight_decay": t.weight_decay if decay else 0.0,
-                                                  "lr_scale": lr_scale})
+        g = groups.setdefault((decay, n in slow), {"params": [], "weight_decay": t.weight_decay if decay else 0.0,
+                                                   "lr_scale": lr_scale, "pretrained": n in slow})
         g["params"].append(p)
     params = [p for g in groups.values() for p in g["params"]]
     # the fused kernel (one op for all parameters) needs them all on one device type; ~0.1 s/step saved on CPU
@@ -264,8 +264,9 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     t0 = time.time()
     for step in bar:
         lr = lr_at(step, t)
+        frozen = step < t.pretrained_frozen_steps  # the fresh weights learn alone first (see TrainConfig)
         for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = 0.0 if frozen and g.get("pretrained") else lr * g.get("lr_scale", 1.0)
         micro_batches = next(batches)
         sums = {}  # the logged losses, summed over micro-batches ON the device: no host sync per micro-batch
         for micro, mb in enumerate(micro_batches):

@@ -27,7 +27,13 @@ from safetensors.torch import load_file
 S1 = {  # stage-1 recipes (overrides of the cpu preset)
     "preset": [],
 }
+MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
+    # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
+    # for the first 100 steps (the Q-Former frozen: "linear probing, then fine-tuning")
+    "main_360": ("main", 300, ["--stage2.max_steps=360"]),
+    "random_360": ("random", 0, ["--stage2.max_steps=360"]),
+    "main_360_lpft100": ("main", 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
     "random_480": ("random", 0, ["--stage2.max_steps=480"]),
     "bert_480": ("bert", 0, ["--stage2.max_steps=480"]),
     "s1_480": ("preset", 300, ["--stage2.max_steps=480"]),
@@ -63,7 +69,9 @@ def run(name: str, seed: int) -> dict:
     seed_everything(seed)
     untrained, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, device, split="val")
-    if s1 not in ("random", "bert"):
+    if s1 == "main":
+        s1_dir = MAIN_STAGE1
+    elif s1 not in ("random", "bert"):
         s1_dir, s1_model, _, _ = stage1_run(cfg, s1, s1_steps, seed)
         k = cfg.stage1.itm_rerank_k
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, cfg.stage1.amp)
@@ -103,13 +111,13 @@ def main():
     p.add_argument("names", nargs="+")
     p.add_argument("--seeds", default="1337")
     a = p.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):
             key = f"{name}/s{seed}"
-            results[key] = baselines(seed) if name == "baselines" else run(name, seed)
-            print(key, json.dumps(results[key]), flush=True)
-            OUT.parent.mkdir(exist_ok=True)
+            res = baselines(seed) if name == "baselines" else run(name, seed)
+            print(key, json.dumps(res), flush=True)
+            results = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late: variants may run in parallel
+            results[key] = res
             OUT.write_text(json.dumps(results, indent=1))
 
 

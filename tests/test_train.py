@@ -534,6 +534,22 @@ def test_pretrained_lr_scale_slows_only_the_bert_initialised_weights(tmp_path):
     assert not torch.equal(before["qformer.layers.1.self_attn.query.weight"], after["qformer.layers.1.self_attn.query.weight"])
 
 
+def test_pretrained_frozen_steps_train_the_fresh_weights_first(tmp_path):
+    """pretrained_frozen_steps=2: what came pretrained stays exactly as it was for 2 steps while the fresh weights
+    move; from step 3 on it trains too (and a resume in between keeps the schedule)."""
+    cfg = tiny_config(max_steps=3, pretrained_frozen_steps=2, weight_decay=0.0)
+    task = tiny_task(cfg)
+    model = task.model
+    model.pretrained_names = {n for n, _ in model.named_parameters() if n.startswith("qformer.layers.0.self_attn")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(cfg, 1, task, resume=False, stop_at=2, progress=False, run_dir=tmp_path)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in model.pretrained_names)
+    assert not torch.equal(before["qformer.query_tokens"], after["qformer.query_tokens"])
+    train(cfg, 1, task, progress=False, run_dir=tmp_path)  # resumes at step 2: no longer frozen
+    assert all(not torch.equal(before[n], after[n]) for n in model.pretrained_names if n.endswith("weight"))
+
+
 def test_build_stage1_model_marks_what_bert_initialised():
     from minblip2.config import cpu
     from minblip2.tasks import build_stage1_model
