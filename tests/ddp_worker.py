@@ -9,6 +9,8 @@ As a script it trains that task (for the DDP test under torchrun, and the kill t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,28 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from minblip2.config import Config, QFormerConfig, Stage1Config
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def subprocess_env() -> dict:
+    """The environment for a test's subprocess: no inherited torchrun variables, and THIS checkout first on
+    PYTHONPATH (a script's sys.path starts at tests/, so without it a worker imports the INSTALLED minblip2,
+    which in another checkout, e.g. a git worktree, is not the code under test)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def torchrun(script: str, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    """2 processes of tests/<script> under torchrun (gloo on CPU); asserts they succeed."""
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+           str(TESTS / script), *map(str, args)]
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
 
 COLORS = ["red", "green", "blue", "black", "white"]
 SHAPES = ["square", "circle", "triangle", "star"]

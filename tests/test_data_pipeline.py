@@ -21,28 +21,18 @@ from minblip2.tasks import ImageTextData, StepSampler
 from minblip2.train import batch_indices, local_slice, train
 
 from data_worker import PixelEncoder, make_folder, tiny_pipeline_config
+import ddp_worker
 from ddp_worker import synthetic_data
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(*args, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's minblip2
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
-           str(TESTS / "data_worker.py"), *map(str, args)]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return p
+    return ddp_worker.torchrun("data_worker.py", *args, timeout=timeout)
 
 
 def log(run_dir):
@@ -203,8 +193,7 @@ def test_skip_bad_images_under_ddp_replaces_and_counts(tmp_path, monkeypatch):
     assert [int(r["bad_images"]) for r in rows] == expected and sum(expected) > 0
 
     # without skip_bad_images: a clear error naming the file, not a hang
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = ddp_worker.subprocess_env()
     p = subprocess.run([sys.executable, str(TESTS / "data_worker.py"), str(tmp_path / "strict"), str(root)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "cannot read image" in p.stderr and "0005.png" in p.stderr

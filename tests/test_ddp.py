@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from minblip2.stage1 import Stage1Model
 from minblip2.train import latest_checkpoint, load_checkpoint, train
 
-from ddp_worker import tiny_config, tiny_task
+from ddp_worker import tiny_config, tiny_task, torchrun
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -38,12 +38,7 @@ RECIPE = dict(max_steps=4, lr=5e-4, min_lr=5e-5, losses=("itc", "itm", "itg"))
 COLUMNS = ("loss_itc", "loss_itm", "loss_itg", "loss", "grad_norm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # as torchrun's OMP_NUM_THREADS=1 in the workers
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as torchrun's OMP_NUM_THREADS=1 in the workers
 
 
 def one_process(run_dir, stop_at=None):
@@ -61,16 +56,6 @@ def losses(run_dir):
 def assert_close_rows(a, b):
     """Losses are logged to 6 decimals, the grad norm to 4."""
     assert a[:-1] == pytest.approx(b[:-1], rel=1e-5) and a[-1] == pytest.approx(b[-1], rel=0, abs=2e-4), (a, b)
-
-
-def torchrun(run_dir, *args, timeout=180):
-    """2 processes of tests/ddp_worker.py under torchrun, importing THIS checkout's minblip2."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
-           str(TESTS / "ddp_worker.py"), str(run_dir), *args]
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def ckpt(run_dir):
@@ -101,7 +86,8 @@ def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
     """ITC + ITM + ITG in 2 processes == 1 process; meanwhile every tensor handed to a collective is checked
     (ddp_worker.DeviceChecks: on the run's device, and not made by a factory call without device=)."""
     ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
-    torchrun(ddp_dir, "--batch_size=4", "--stop_at=3", "--qformer.dropout=0.0", "--check_devices=True",
+    torchrun("ddp_worker.py", ddp_dir, "--batch_size=4", "--stop_at=3", "--qformer.dropout=0.0",
+             "--check_devices=True",
              *(f"--{k}={v!r}" for k, v in RECIPE.items()))
     for rank in (0, 1):  # the checks saw the collectives of a step: the logged losses, ITC, ITM, ITG, RNG state
         calls = json.loads((ddp_dir / f"collectives-rank{rank}.json").read_text())
@@ -133,13 +119,13 @@ def test_ddp_resume_is_exact_in_every_process(tmp_path):
     restored: after a resume all of them drew the same dropout masks.)"""
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     args = ["--batch_size=4", "--max_steps=4", "--ckpt_every=2", "--qformer.dropout=0.1", "--lr=5e-4"]
-    torchrun(ref, *args)  # 4 steps; keeps ckpt-2 and ckpt-4
+    torchrun("ddp_worker.py", ref, *args)  # 4 steps; keeps ckpt-2 and ckpt-4
     shutil.copytree(ref, resumed)
     (resumed / "checkpoints" / "latest").write_text("ckpt-0000002")  # killed after step 2 was checkpointed
     shutil.rmtree(resumed / "checkpoints" / "ckpt-0000004")
     rng = torch.load(ckpt(resumed) / "state.pt", weights_only=False)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one state per process
-    torchrun(resumed, *args)
+    torchrun("ddp_worker.py", resumed, *args)
     assert ckpt(resumed).name == "ckpt-0000004"
 
     def rows(run_dir):

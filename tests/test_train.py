@@ -27,19 +27,13 @@ from minblip2.stage1 import Stage1Model
 from minblip2.train import (batch_indices, latest_checkpoint, load_checkpoint, local_slice, lr_at, save_checkpoint,
                             train)
 
-from ddp_worker import tiny_config, tiny_task
+from ddp_worker import subprocess_env, tiny_config, tiny_task
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on 2 busy cores: one thread is ~10x faster than two fighting over the other job's core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(run_dir, stop_at=None, resume=True, task=None, **recipe):
@@ -158,10 +152,7 @@ def test_resume_after_sigkill(tmp_path):
     run_dir = tmp_path / "killed"
     recipe = dict(max_steps=30, ckpt_every=1, log_every=10)
     args = [f"--{k}={v}" for k, v in recipe.items()]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    # a script's sys.path starts at tests/, not here: without this the worker imports the INSTALLED minblip2,
-    # which in another checkout (a git worktree) is not the code under test
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = subprocess_env()
     errors = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, str(TESTS / "ddp_worker.py"), str(run_dir), "--threads=1", *args],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=errors)
