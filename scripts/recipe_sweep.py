@@ -15,18 +15,31 @@ import time
 
 import torch
 
-from minblip2 import config, dist
+from minblip2 import config, dist, losses
 from minblip2.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
+from minblip2.diagnostics import query_stats
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.run import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
+from minblip2.qformer import init_bert_weights
 from minblip2.tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
 from minblip2.train import latest_checkpoint, load_trainable_state, seed_everything, train
 from safetensors.torch import load_file
 
-S1 = {  # stage-1 recipes (overrides of the cpu preset)
+S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply to stage 2 too) and TWEAKS
     "preset": [],
+    "noitm": ["--stage1.losses=('itc','itg')"],  # ITM averages its logit over the queries: does it make them alike?
+    "itg3": ["itg_weight=3"],  # ITG is what keeps the queries apart (query_cos 0.945 with it, 1.0 without)
+    "q8": ["--qformer.num_queries=8"],
+    "q32": ["--qformer.num_queries=32"],  # the paper's count
+    "qffn_fresh": ["query_ffn_fresh"],  # the query path's FFNs start fresh instead of from MiniLM's FFNs
+    "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
+# Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
+#   itg_weight=W        stage 1's loss = itc + itm + W * itg
+#   query_ffn_fresh     re-initialise the query FFNs (BERT init) and train them at the fresh weights' lr
+#   n_train=N           train (both stages, the probe and nearest neighbour) on N of the 480 training images
+TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -39,42 +52,95 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "s1_480": ("preset", 300, ["--stage2.max_steps=480"]),
     "s1_480_lp": ("preset", 300, ["--stage2.max_steps=480", "--stage2.pretrained_lr_scale=0.0",
                                   "--stage2.lr=1e-3"]),
+    # the hypotheses of the issue, one factor at a time; stage 2 from stage 1 = main_360_lpft100's recipe
+    "bert_360": ("bert", 0, ["--stage2.max_steps=360"]),
+    "main_360_lpft100_qf01": ("main", 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100",
+                                            "--stage2.pretrained_lr_scale=0.1"]),  # stage-2 lr per group
+    "main_360_qf01": ("main", 300, ["--stage2.max_steps=360", "--stage2.pretrained_lr_scale=0.1"]),
+    **{f"{s1}_360_lpft100": (s1, 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"])
+       for s1 in ("preset", "noitm", "itg3", "q8", "q32", "qffn_fresh", "n60", "n120", "n240")},
+    "preset900_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
+    **{f"random_360_{n}": ("random", 0, ["--stage2.max_steps=360", f"n_train={n[1:]}"])
+       for n in ("n60", "n120", "n240")},
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
 
 
-def stage1_run(cfg, s1: str, steps: int, seed: int):
-    """Train (or reuse) a stage-1 run; returns its directory and retrieval on val."""
-    c = apply_overrides(config.cpu(), S1[s1])
+def split_tweaks(items: list[str]) -> tuple[list[str], dict]:
+    """["--a.b=1", "itg_weight=3", "query_ffn_fresh"] -> (["--a.b=1"], {"itg_weight": 3.0, "query_ffn_fresh": True})"""
+    over = [i for i in items if i.startswith("--")]
+    tweaks = {}
+    for i in items:
+        if not i.startswith("--"):
+            k, _, v = i.partition("=")
+            assert k in TWEAK_KEYS, f"unknown tweak {k!r}"
+            tweaks[k] = float(v) if v else True
+    return over, tweaks
+
+
+def subset_images(data, n: int, seed: int = 0):
+    """Keep the captions of n training images (chosen by a fixed seed, the same for every variant) in place."""
+    rows = torch.randperm(len(data.image_paths), generator=torch.Generator().manual_seed(seed))[:n]
+    keep = torch.isin(data.row_of_caption, rows)
+    data.captions = [c for c, k in zip(data.captions, keep.tolist()) if k]
+    data.image_ids, data.row_of_caption = data.image_ids[keep], data.row_of_caption[keep]
+    return data
+
+
+def train_data(cfg, n_train):
+    data = ImageTextData.build(cfg, "train", True, torch.device("cpu"))
+    return subset_images(data, int(n_train)) if n_train else data
+
+
+def stage1_run(s1: str, steps: int, seed: int):
+    """Train (or reuse) a stage-1 run; returns its directory, model and tokenizer."""
+    over, tw = split_tweaks(S1[s1])
+    c = apply_overrides(config.cpu(), over)
     c.stage1.max_steps, c.stage1.seed, c.stage1.ckpt_every = steps, seed, 10**9
     run_dir = RUNS / "stage1" / f"{s1}-{steps}-s{seed}"
-    data = ImageTextData.build(c, "train", True, torch.device("cpu"))
+    data = train_data(c, tw.get("n_train"))
     seed_everything(seed)
     model, tok = build_stage1_model(c)
+    if tw.get("query_ffn_fresh"):
+        for name, mod in model.qformer.named_modules():
+            if ".query_ffn" in name:
+                mod.apply(init_bert_weights)
+        model.pretrained_names = {n for n in model.pretrained_names if ".query_ffn." not in n}
     if latest_checkpoint(run_dir / "checkpoints") is None:
-        train(c, 1, task=StageTask(model, data, tok, c.data.max_text_len, stage=1), run_dir=run_dir)
+        w, itg = tw.get("itg_weight", 1.0), losses.itg_loss
+        losses.itg_loss = lambda *a, **k: w * itg(*a, **k)  # stage1.py calls losses.itg_loss at every step
+        try:
+            train(c, 1, task=StageTask(model, data, tok, c.data.max_text_len, set(c.stage1.losses) != {"itc", "itm", "itg"},
+                                       stage=1), run_dir=run_dir)
+        finally:
+            losses.itg_loss = itg
     else:
         load_trainable_state(model, load_file(str(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")))
-    return run_dir, model, tok, data
+    return run_dir, model, c
 
 
 def run(name: str, seed: int) -> dict:
-    s1, s1_steps, s2_over = VARIANTS[name]
+    s1, s1_steps, s2_items = VARIANTS[name]
     device = torch.device("cpu")
-    cfg = apply_overrides(config.cpu(), s2_over)
+    s1_over, s1_tw = split_tweaks(S1.get(s1, []))
+    s2_over, s2_tw = split_tweaks(s2_items)
+    shared = [o for o in s1_over if o.startswith("--qformer.")]  # the Q-Former's shape carries over to stage 2
+    cfg = apply_overrides(config.cpu(), shared + s2_over)
     cfg.stage2.seed, cfg.stage2.ckpt_every = seed, 10**9
-    res = {"stage1": s1, "stage1_steps": s1_steps, "stage2_overrides": s2_over, "seed": seed}
-    data = ImageTextData.build(cfg, "train", True, device)
+    res = {"stage1": s1, "stage1_steps": s1_steps, "stage1_recipe": S1.get(s1, []), "stage2_overrides": s2_items,
+           "seed": seed}
+    data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
     seed_everything(seed)
     untrained, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, device, split="val")
     if s1 == "main":
         s1_dir = MAIN_STAGE1
     elif s1 not in ("random", "bert"):
-        s1_dir, s1_model, _, _ = stage1_run(cfg, s1, s1_steps, seed)
-        k = cfg.stage1.itm_rerank_k
-        res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, cfg.stage1.amp)
+        s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, seed)
+        k = c1.stage1.itm_rerank_k
+        res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
+        res["query_cos"] = query_cos(s1_model, val.features[:64])
     seed_everything(seed + 1)
     cfg.stage2.from_stage1 = s1 not in ("random", "bert")
     model = build_stage2_model(cfg, stage1_dir=s1_dir if cfg.stage2.from_stage1 else None)
@@ -93,17 +159,26 @@ def run(name: str, seed: int) -> dict:
     return res
 
 
-def baselines(seed: int = 1337) -> dict:
+@torch.no_grad()
+def query_cos(model, feats) -> float:
+    """Mean cosine between one image's query outputs (1.0 = the queries collapsed to one vector)."""
+    model.eval()
+    return query_stats(model.encode_image(feats.float())[1])["query_cos"]
+
+
+def baselines(seed: int = 1337, n_train: int = 0) -> dict:
     """Nearest-neighbour captions and the linear probe on val (their settings: the main job's)."""
     cfg, device = config.cpu(), torch.device("cpu")
-    data = ImageTextData.build(cfg, "train", True, device)
+    data = train_data(cfg, n_train)
     _, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, device, split="val")
-    nn = nearest_neighbour_captions(pooled_image_features(data.features), _captions_per_image(data),
+    caps = _captions_per_image(data)
+    rows = [r for r, c in enumerate(caps) if c]  # the images trained on
+    nn = nearest_neighbour_captions(pooled_image_features(data.features[rows]), [caps[r] for r in rows],
                                     pooled_image_features(val.features))
     m = caption_metrics(dict(zip(val.image_ids, nn)), dict(zip(val.image_ids, val.captions)))
     return {"nearest_neighbour": {k: round(v, 2) for k, v in m.items()},
-            "linear_probe": linear_probe_retrieval(cfg, data, val)}
+            "linear_probe": linear_probe_retrieval(cfg, data, val), "n_train": n_train or len(caps)}
 
 
 def main():
@@ -114,7 +189,10 @@ def main():
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):
             key = f"{name}/s{seed}"
-            res = baselines(seed) if name == "baselines" else run(name, seed)
+            if name.startswith("baselines"):  # baselines, baselines_n60, ...
+                res = baselines(seed, int(name.partition("_n")[2] or 0))
+            else:
+                res = run(name, seed)
             print(key, json.dumps(res), flush=True)
             results = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late: variants may run in parallel
             results[key] = res
