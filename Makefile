@@ -13,7 +13,7 @@ data: setup
 
 # the main job: stage 1 -> stage 2 -> evaluation, writes runs/coco-mini/ and results/coco-mini.json
 run: data
-	$(PY) -m minblip2.run
+	$(PY) -m minblip2.tools.coco_mini
 
 # everything CI runs: unit/parity/integration tests, then the lessons through nbval
 test: data

@@ -29,7 +29,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from minblip2 import dist  # noqa: E402
+from minblip2 import runtime  # noqa: E402
 from minblip2.config import get_preset  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def _sync(device):
 
 def _step(model, opt, task, micro_batches, t, device):
     for mb in micro_batches:
-        with dist.autocast(t.amp, device):
+        with runtime.autocast(t.amp, device):
             out = task.loss(model, mb, device)
         (out["loss"] / len(micro_batches)).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
@@ -59,7 +59,7 @@ def bench(cfg=None, device=None, kinds=("cached", "computed"), steps: int = 3, r
     cfg: a Config (default: the cpu preset); batch / workers override cfg's stage-1 batch size / data.num_workers.
     model, tokenizer: a Stage1Model and its tokenizer to time (default: built from cfg; scripts/gpu_check.py passes
     a random paper-shape model and a made-up tokenizer, so no hub is needed)."""
-    from minblip2.tasks import ImageTextData, StageTask, build_stage1_model
+    from minblip2.tasks import ImageTextData, Stage1Task, build_stage1_model
     from minblip2.train import build_optimizer
 
     cfg = cfg or get_preset("cpu")
@@ -79,7 +79,7 @@ def bench(cfg=None, device=None, kinds=("cached", "computed"), steps: int = 3, r
            "rounds": rounds, "amp": t.amp}
     for kind in kinds:
         data = ImageTextData.build(cfg, "train", kind == "cached", device)
-        task = StageTask(model, data, tokenizer, cfg.data.max_text_len, stage=1)
+        task = Stage1Task(model, data, tokenizer=tokenizer, max_text_len=cfg.data.max_text_len)
         total = (warmup + rounds) * steps  # round r runs steps r*steps ... both ways: the same captions, same cost
         staged = [[_on_device(mb, device) for mb in s] for s in task.batches(0, total, t, device)]
         loop = task.batches(0, total, t, device)  # one DataLoader for all rounds, as in a training run

@@ -21,8 +21,8 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from minblip2 import losses
 from minblip2.config import QFormerConfig, Stage1Config
-from minblip2.convert import hf_qformer_key_map
-from minblip2.stage1 import mean_over_tokens
+from minblip2.tools.convert import hf_qformer_key_map
+from minblip2.masks import mean_over_tokens
 
 
 def hf_config(q: QFormerConfig) -> Blip2QFormerConfig:

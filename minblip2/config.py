@@ -97,7 +97,6 @@ class TrainConfig:
     seed: int = 1337
     log_every: int = 10
     ckpt_every: int = 200
-    eval_every: int = 0  # 0 = only at the end
 
 
 @dataclass
@@ -106,9 +105,11 @@ class Stage1Config(TrainConfig):
     label_smoothing: float = 0.1  # LAVIS's choice; the paper does not mention it
     init_temp: float = 0.07
     clamp_temp: bool = False  # LAVIS never clamps; ALBEF/BLIP clamp to [0.001, 0.5]
-    itm_rerank_k: int = 128  # retrieval: ITM re-ranks the ITC top-k; above 10, or R@10 is ITC's R@10 by construction
     itc_gather_grad: bool = True  # gradients through gathered ITC features (= one big batch); LAVIS: False
-    itg_reuse_queries: bool = True  # ITG reuses the queries' keys/values from the ITC pass (as LAVIS does)
+    # the same three losses with less work (stage1.py, Stage1Model.fast_losses; a test proves them equal): ITC in one
+    # pass, the images' cross-attention keys/values shared by ITC and ITM, ITG reusing the queries' keys/values from
+    # the ITC pass (as LAVIS does). False = the paper's passes written out one by one (Stage1Model.plain_losses)
+    fast_passes: bool = True
     pretrained_lr_scale: float = 1.0  # lr multiplier for the Q-Former's BERT-initialised weights (paper: 1.0)
 
 
@@ -119,7 +120,14 @@ class Stage2Config(TrainConfig):
     max_steps: int = 80_000
     from_stage1: bool = True  # False: a randomly initialised Q-Former (the no-stage-1 ablation)
     pretrained_lr_scale: float = 1.0  # lr multiplier for what stage 1 trained (ln_vision, Q-Former); paper: 1.0
-    num_beams: int = 5
+
+
+@dataclass
+class EvalConfig:
+    """How a trained model is evaluated and used (retrieval, captioning): nothing here changes training."""
+
+    itm_rerank_k: int = 128  # retrieval: ITM re-ranks the ITC top-k (0 = ITC only); above 10, or R@10 is ITC's R@10
+    num_beams: int = 5  # captioning: beam search width (1 = greedy)
     max_new_tokens: int = 30
     no_repeat_ngram_size: int = 0  # captioning: > 0 forbids repeating any n-gram of this size (LAVIS: off)
 
@@ -132,6 +140,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/default"
     device: str = "auto"  # "auto" = cuda if available, else cpu
 
@@ -140,6 +149,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        d = _upgrade(d)
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         kw = {}
         for name, value in d.items():
@@ -151,6 +161,21 @@ class Config:
             else:
                 kw[name] = value
         return cls(**kw)
+
+
+def _upgrade(d: dict) -> dict:
+    """A config.json written before the evaluation settings got their own section (runs trained with older code)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    moved = {"stage1": ("itm_rerank_k",), "stage2": ("num_beams", "max_new_tokens", "no_repeat_ngram_size")}
+    for section, names in moved.items():
+        for name in names:
+            if name in d.get(section, {}):
+                d.setdefault("eval", {})[name] = d[section].pop(name)
+    for section in ("stage1", "stage2"):
+        d.get(section, {}).pop("eval_every", None)  # never read
+    if "itg_reuse_queries" in d.get("stage1", {}):
+        d["stage1"]["fast_passes"] = d["stage1"].pop("itg_reuse_queries")
+    return d
 
 
 def _fill(dc_type, values: dict):
@@ -186,9 +211,10 @@ def cpu() -> Config:
     c.data.augmented_views = 6
     c.llm.dtype = "bfloat16"
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
-                            pretrained_lr_scale=0.1, amp="bf16", itm_rerank_k=16, ckpt_every=100)
+                            pretrained_lr_scale=0.1, amp="bf16", ckpt_every=100)
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
-                            amp="bf16", num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3, ckpt_every=50)
+                            amp="bf16", ckpt_every=50)
+    c.eval = EvalConfig(itm_rerank_k=16, num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3)
     c.out_dir = "runs/coco-mini"
     return c
 
@@ -210,11 +236,10 @@ def paper() -> Config:
                               vision_width=1408, embed_dim=256)
     c.llm = LLMConfig(name="facebook/opt-2.7b", weights="hub", dtype="float16", prompt="a photo of")
     c.stage1 = Stage1Config(lr=1e-4, min_lr=1e-5, warmup_steps=2000, max_steps=250_000, batch_size=105,
-                            grad_accum=2, amp="fp16", cache_features=False, itm_rerank_k=128,
-                            ckpt_every=5000, log_every=50)
+                            grad_accum=2, amp="fp16", cache_features=False, ckpt_every=5000, log_every=50)
     c.stage2 = Stage2Config(lr=1e-4, min_lr=5e-5, warmup_steps=2000, max_steps=80_000, batch_size=120,
-                            grad_accum=2, amp="fp16", cache_features=False, num_beams=5, max_new_tokens=30,
-                            ckpt_every=5000, log_every=50)
+                            grad_accum=2, amp="fp16", cache_features=False, ckpt_every=5000, log_every=50)
+    c.eval = EvalConfig(itm_rerank_k=128, num_beams=5, max_new_tokens=30)
     c.out_dir = "runs/paper"
     return c
 
@@ -328,8 +353,7 @@ RULES = {
                      "layer_norm_eps", "max_text_len", "lr", "batch_size", "grad_accum", "init_temp", "num_beams",
                      "max_new_tokens", "log_every", "ckpt_every"], POSITIVE),
     **dict.fromkeys(["query_init_std", "pad_token_id", "dec_token_id", "augmented_views", "num_workers", "min_lr",
-                     "warmup_steps", "max_steps", "pretrained_frozen_steps", "weight_decay", "grad_clip", "eval_every",
-                     "itm_rerank_k",
+                     "warmup_steps", "max_steps", "pretrained_frozen_steps", "weight_decay", "grad_clip", "itm_rerank_k",
                      "pretrained_lr_scale", "no_repeat_ngram_size"], NON_NEGATIVE),
     **dict.fromkeys(["dropout", "label_smoothing"], ((lambda v: 0 <= v < 1), "in [0, 1)")),
     "betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),

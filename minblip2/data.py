@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -546,8 +547,6 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return state
 
     def __setstate__(self, state):
-        from .features import open_features
-
         state["views"] = [open_features(v) if isinstance(v, (str, Path)) else v for v in state["views"]]
         self.__dict__.update(state)
 
@@ -599,3 +598,40 @@ def collate(batch, tokenizer=None, max_len: int = 32) -> dict | None:
     if tokenizer is not None and "caption" in out:
         out.update(tokenize(tokenizer, out["caption"], max_len))
     return out
+
+
+# ----------------------------------------------------------------------------- from a batch to the model
+
+
+def open_features(path) -> torch.Tensor:
+    """A cached (num_images, tokens, width) float16 bank as a tensor over the memory-mapped file (nothing is
+    read until indexed). Copy-on-write: writing to the tensor never changes the file."""
+    t = torch.from_numpy(np.load(path, mmap_mode="c"))
+    t.mmap_path = str(path)  # DataLoader workers reopen the file by name instead of receiving its bytes
+    return t
+
+
+def resolve_num_workers(dcfg, device) -> int:
+    """DataConfig.num_workers, or for None: 0 on a CPU (the training process already uses every core),
+    else the CPU cores this process may use, minus one for itself, at most 8."""
+    if dcfg.num_workers is not None:
+        return int(dcfg.num_workers)
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, per_process - 1))
+
+
+def encode_batch(encoder, batch: dict, device):
+    """A batch from the DataLoader -> (image tokens (B, N, D) float32 on `device`, captions, image ids on `device`).
+    Cached rows are copied (non_blocking: from pinned memory on a GPU) and cast; uint8 pixels are copied,
+    normalised and encoded by the frozen encoder on the device, the whole batch at once."""
+    ids = batch["image_id"].to(device, non_blocking=True)
+    if "features" in batch:
+        return batch["features"].to(device, non_blocking=True).float(), batch["caption"], ids
+    pixels = batch["image"].to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = to_model_input(pixels, encoder.mean, encoder.std)
+    with torch.no_grad():  # the encoder is frozen: no graph is kept
+        return encoder(pixels), batch["caption"], ids

@@ -33,24 +33,6 @@ def is_master() -> bool:
     return rank() == 0
 
 
-def progress_bar(iterable, show: bool = True, **kw):
-    """A tqdm bar on the master process only. Never passes disable=False, so TQDM_DISABLE=1 silences it."""
-    from tqdm.auto import tqdm
-
-    if not (show and is_master()):
-        kw["disable"] = True
-    return tqdm(iterable, **kw)
-
-
-def autocast(amp: str, device):
-    """The autocast context for a config's `amp` ("none", "bf16", "fp16") on `device` (a no-op for "none")."""
-    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:  # a typo must not quietly train in fp32
-        raise ValueError(f"amp={amp!r}: choose one of {list(dtypes)} (e.g. --stage1.amp=bf16)")
-    dtype = dtypes[amp]
-    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def setup(device: str = "auto") -> torch.device:
     """Join the process group if launched by torchrun; return the device this process should use."""
     if device == "auto":

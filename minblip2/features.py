@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import dist
+from . import dist, runtime
 from .config import VisionConfig, default_cache_dir
-from .data import BadImageError, ImageDataset, eval_transform, image_size, to_model_input, view_crops
+from .data import BadImageError, ImageDataset, eval_transform, image_size, open_features, to_model_input, view_crops
 
 FORMAT = "v2"
 
@@ -49,14 +49,6 @@ def cache_key(vcfg: VisionConfig, image_paths, view: int = 0) -> str:
 def feature_path(vcfg: VisionConfig, image_paths, view: int = 0, cache_dir=None) -> Path:
     cache_dir = Path(cache_dir or default_cache_dir()) / "features"
     return cache_dir / f"{vcfg.name}-{vcfg.img_size}-{cache_key(vcfg, image_paths, view)}.{FORMAT}.npy"
-
-
-def open_features(path) -> torch.Tensor:
-    """A cached (num_images, tokens, width) float16 bank as a tensor over the memory-mapped file (nothing is
-    read until indexed). Copy-on-write: writing to the tensor never changes the file."""
-    t = torch.from_numpy(np.load(path, mmap_mode="c"))
-    t.mmap_path = str(path)  # DataLoader workers reopen the file by name instead of receiving its bytes
-    return t
 
 
 class _Rows:
@@ -102,9 +94,9 @@ def _encode_rows(encoder, images, lo: int, hi: int, out, view: int, batch_size: 
     pos = lo
     desc = f"image features (view {view})" if view else "image features"
     try:
-        for pixels in dist.progress_bar(dl, progress, desc=desc):
+        for pixels in runtime.progress_bar(dl, progress, desc=desc):
             x = to_model_input(pixels.to(device, non_blocking=True), encoder.mean, encoder.std)
-            with dist.autocast(amp, device):
+            with runtime.autocast(amp, device):
                 out[pos:pos + len(x)] = encoder(x).float().half().cpu().numpy()
             pos += len(x)
     except BadImageError as e:  # (from a worker, the message holds the worker's traceback: keep the one line)

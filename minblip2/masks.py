@@ -51,3 +51,10 @@ def with_padding(mask: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
     attention to real tokens, so no row is ever all-False (which would give NaN in softmax).
     """
     return mask.unsqueeze(0) & key_padding.bool().unsqueeze(1)
+
+
+def mean_over_tokens(h, text_mask):
+    """(B, T, H) outputs -> (B, H): the mean over real tokens (text_mask 1), as sentence-transformers pools
+    (the padding mask again: pads must not count)."""
+    m = text_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)

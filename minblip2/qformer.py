@@ -162,6 +162,9 @@ class QFormer(nn.Module):
                 return_cache=False, image_kv=None, causal=False):
         """Run queries and/or text through the Q-Former.
 
+        The paper's recipe needs only image_embeds, input_ids, text_mask and mask (Stage1Model.plain_losses, stage 2);
+        image_kv, query_cache, return_cache and causal let Stage1Model.fast_losses share work between its passes.
+
         image_embeds: (B, N, Dv) -- the queries are in the sequence iff this (or image_kv) is given.
         image_kv: the image's cross-attention keys/values from `image_kv(image_embeds)`, instead of image_embeds.
         input_ids, text_mask: (B, T) text tokens and their "is real, not padding" mask (1/0).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dist
+from . import runtime
 from .losses import itc_similarities
 
 
@@ -45,7 +45,7 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
     """
     model.eval()
     dev = torch.device(device)
-    autocast = dist.autocast(amp, dev)
+    autocast = runtime.autocast(amp, dev)
     to = lambda x: x.to(dev)  # noqa: E731
     with autocast:
         img_feats = _batched(lambda e: model.encode_image(to(e).float())[0].float().cpu(), len(image_embeds),
@@ -61,7 +61,7 @@ def retrieval_scores(model, image_embeds, input_ids, text_mask, k: int = 10, bat
         top_sim, top_idx = sim.topk(kk, dim=1)  # (Nq, kk)
         flat = top_idx.reshape(-1)
         itm = torch.empty(flat.numel())
-        bar = dist.progress_bar(range(0, flat.numel(), batch_size), progress, desc="ITM re-rank", leave=False)
+        bar = runtime.progress_bar(range(0, flat.numel(), batch_size), progress, desc="ITM re-rank", leave=False)
         for s in bar:  # pair p = (query p // kk, its (p % kk)-th candidate), batch_size pairs at a time
             p = torch.arange(s, min(s + batch_size, flat.numel()))
             q, c = p // kk, flat[p]

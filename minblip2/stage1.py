@@ -19,12 +19,6 @@ from .config import QFormerConfig, Stage1Config
 from .qformer import QFormer, init_bert_weights
 
 
-def mean_over_tokens(h, text_mask):
-    """(B, T, H) outputs -> (B, H): the mean over real tokens (text_mask 1), as sentence-transformers pools."""
-    m = text_mask.unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 class LMHead(nn.Module):
     """BERT's masked-LM head reused for generation: dense -> GELU -> LayerNorm -> tied decoder + bias."""
 
@@ -85,7 +79,7 @@ class Stage1Model(nn.Module):
         if self.qcfg.text_pooling == "cls":
             return h_text[:, 0]
         if self.qcfg.text_pooling == "mean":
-            return mean_over_tokens(h_text, text_mask)
+            return masks.mean_over_tokens(h_text, text_mask)
         raise ValueError(f"qformer.text_pooling must be 'cls' or 'mean', not {self.qcfg.text_pooling!r}")
 
     def itm_logits(self, image_embeds, input_ids, text_mask, image_kv=None):
@@ -104,27 +98,88 @@ class Stage1Model(nn.Module):
         """image_embeds (B, N, Dv) frozen tokens, input_ids/text_mask (B, T) starting with [CLS].
 
         Returns a dict with `loss` (the sum of the enabled losses) and each loss detached for logging.
+        `Stage1Config.fast_passes` (default) computes the very same losses with less work (`fast_losses`).
+        """
+        if self.scfg.fast_passes:
+            return self.fast_losses(image_embeds, input_ids, text_mask, image_ids, generator)
+        return self.plain_losses(image_embeds, input_ids, text_mask, image_ids, generator)
+
+    def plain_losses(self, image_embeds, input_ids, text_mask, image_ids=None, generator=None):
+        """The paper's recipe, one Q-Former pass per objective: read this one first."""
+        use = set(self.scfg.losses)
+        Q, T = self.qcfg.num_queries, input_ids.shape[1]
+        img = self.ln_vision(image_embeds)  # (B, N, Dv)
+        ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None  # the global batch's
+        out, total = {}, 0.0
+
+        # ITC, unimodal: the queries read the image (and never the text), the text reads only itself
+        image_feats = F.normalize(self.vision_proj(self.qformer(img)), dim=-1)  # (B, Q, E)
+        h_text = self.qformer(input_ids=input_ids, text_mask=text_mask)  # (B, T, H)
+        text_feats = F.normalize(self.text_proj(self.pool_text(h_text, text_mask)), dim=-1)  # (B, E)
+        loss_itc, sim_i2t, sim_t2i = self._itc(image_feats, text_feats, image_ids, ids_all)
+        if "itc" in use:
+            total = total + loss_itc
+        out["loss_itc"] = loss_itc.detach()
+
+        if "itm" in use:  # bidirectional: queries and text see each other; 3B rows, one third positives
+            neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
+            img_all = dist.all_gather_with_grad(img)  # a negative may be another process's image
+            ids, tmask, ids_all_t, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
+            itm_img = torch.cat([img, img_all[neg_image], img])  # positives | (negative image, text) | (image, negative text)
+            itm_ids = torch.cat([ids, ids, ids_all_t[neg_text]])
+            itm_mask = torch.cat([tmask, tmask, tmask_all[neg_text]])
+            h = self.qformer(itm_img, input_ids=itm_ids, text_mask=itm_mask,
+                             mask=masks.bidirectional_mask(Q, ids.shape[1], device=img.device))
+            loss_itm = losses.itm_loss(self.itm_head(h[:, :Q]).mean(dim=1), num_pos=input_ids.shape[0])
+            total = total + loss_itm
+            out["loss_itm"] = loss_itm.detach()
+
+        if "itg" in use:  # multimodal causal: each text token sees every query and the text before it
+            dec_ids = self._dec(input_ids)
+            h = self.qformer(img, input_ids=dec_ids, text_mask=text_mask,
+                             mask=masks.multimodal_causal_mask(Q, T, device=img.device))
+            loss_itg = losses.itg_loss(self.lm_head(h[:, Q:]), dec_ids, text_mask, self.scfg.label_smoothing)
+            total = total + loss_itg
+            out["loss_itg"] = loss_itg.detach()
+
+        out["loss"] = total
+        return out
+
+    def _itc(self, image_feats, text_feats, image_ids, ids_all):
+        if self.scfg.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+        return losses.itc_loss(image_feats, text_feats, self.temp, self.scfg.label_smoothing,
+                               self.scfg.itc_gather_grad, image_ids, ids_all)
+
+    def _dec(self, input_ids):
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.qcfg.dec_token_id  # [DEC] instead of [CLS] tells the Q-Former to generate
+        return dec_ids
+
+    # ------------------------------------------------------------------ the same losses, less work
+
+    def fast_losses(self, image_embeds, input_ids, text_mask, image_ids=None, generator=None):
+        """`plain_losses`, with the work the three passes share done once (tests/test_qformer.py proves the losses
+        and gradients equal):
+        - the images' cross-attention keys/values (projecting 257 image tokens is most of a query pass) are
+          computed once and read by ITC and ITM (and by ITM's negatives: rows of the same tensors);
+        - ITC's two unimodal passes run as ONE pass over [queries | text] under the unimodal mask;
+        - ITG reuses the queries' keys/values of that pass: under ITG's mask the queries never see the text, so
+          their states are those of the ITC pass (LAVIS does this with past_key_values).
         """
         use = set(self.scfg.losses)
         Q, T = self.qcfg.num_queries, input_ids.shape[1]
         img = self.ln_vision(image_embeds)
-        # the image's keys/values in every cross-attention layer: computed once, read by ITC and ITM
-        # (projecting 257 image tokens is most of the cost of a query pass)
-        image_kv = self.qformer.image_kv(img)
-        ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None  # the global batch's
-        out = {}
+        image_kv = self.qformer.image_kv(img)  # every cross-attention layer's (keys, values) of the images
+        ids_all = dist.all_gather_no_grad(image_ids) if image_ids is not None else None
+        out, total = {}, 0.0
 
-        # ITC: queries and text in one pass under the unimodal mask (same as two separate passes)
         h, cache = self.qformer(input_ids=input_ids, text_mask=text_mask, image_kv=image_kv, return_cache=True,
                                 mask=masks.unimodal_mask(Q, T, device=img.device))
         image_feats = F.normalize(self.vision_proj(h[:, :Q]), dim=-1)  # (B, Q, E)
         text_feats = F.normalize(self.text_proj(self.pool_text(h[:, Q:], text_mask)), dim=-1)  # (B, E)
-        if self.scfg.clamp_temp:
-            with torch.no_grad():
-                self.temp.clamp_(0.001, 0.5)
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(image_feats, text_feats, self.temp, self.scfg.label_smoothing,
-                                                      self.scfg.itc_gather_grad, image_ids, ids_all)
-        total = 0.0
+        loss_itc, sim_i2t, sim_t2i = self._itc(image_feats, text_feats, image_ids, ids_all)
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
@@ -135,9 +190,8 @@ class Stage1Model(nn.Module):
                 neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
             else:  # a negative may be another process's image; gradients reach its ln_vision too
                 neg_kv = self.qformer.image_kv(dist.all_gather_with_grad(img)[neg_image])
-            ids, tmask, ids_all, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
-            # 3B rows: positives | (negative image, text) | (image, negative text)
-            itm_ids = torch.cat([ids, ids, ids_all[neg_text]], dim=0)
+            ids, tmask, ids_all_t, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
+            itm_ids = torch.cat([ids, ids, ids_all_t[neg_text]], dim=0)
             itm_mask = torch.cat([tmask, tmask, tmask_all[neg_text]], dim=0)
             itm_kv = [None if kv is None else tuple(torch.cat([x, x_neg, x]) for x, x_neg in zip(kv, nkv))
                       for kv, nkv in zip(image_kv, neg_kv)]
@@ -147,16 +201,11 @@ class Stage1Model(nn.Module):
             out["loss_itm"] = loss_itm.detach()
 
         if "itg" in use:
-            dec_ids = input_ids.clone()
-            dec_ids[:, 0] = self.qcfg.dec_token_id  # [DEC] tells the Q-Former to generate
-            if self.scfg.itg_reuse_queries:  # queries never see text under this mask: reuse their keys/values
-                query_cache = [(k[:, :, :Q], v[:, :, :Q]) for k, v in cache]
-                # the multimodal causal mask is then a plain causal one over [cached queries | text]: no mask
-                # tensor (FlashAttention on GPUs); right padding needs none (see QFormer.forward)
-                h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, causal=True, query_cache=query_cache)
-            else:
-                causal = masks.multimodal_causal_mask(Q, T, device=img.device)
-                h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, mask=causal, image_kv=image_kv)[:, Q:]
+            dec_ids = self._dec(input_ids)
+            query_cache = [(k[:, :, :Q], v[:, :, :Q]) for k, v in cache]
+            # the multimodal causal mask is then a plain causal one over [cached queries | text]: no mask tensor
+            # (FlashAttention on GPUs); right padding needs none (see QFormer.forward)
+            h_text = self.qformer(input_ids=dec_ids, text_mask=text_mask, causal=True, query_cache=query_cache)
             loss_itg = losses.itg_loss(self.lm_head(h_text), dec_ids, text_mask, self.scfg.label_smoothing)
             total = total + loss_itg
             out["loss_itg"] = loss_itg.detach()

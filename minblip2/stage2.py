@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import count_params, freeze  # noqa: F401  (count_params(model) -> trainable/frozen counts)
+from .backbones import freeze
 from .config import QFormerConfig
 from .qformer import QFormer
 
@@ -30,9 +30,13 @@ def vqa_prompt(question: str, style: str = "opt") -> str:
     return f"Question: {question.strip()} {'Answer:' if style == 'opt' else 'Short answer:'}"
 
 
-class Stage2Model(nn.Module):
-    def __init__(self, qcfg: QFormerConfig, llm: nn.Module, tokenizer, prompt: str = "a photo of",
-                 max_text_len: int = 32, add_bos: bool | None = None):
+class FrozenLLMCaptioner(nn.Module):
+    """Everything on the LLM's side of stage 2: a soft prompt (B, Q, D) from `visual_prompt` goes in front of the
+    text, the frozen LLM learns nothing and passes gradients through. Stage2Model (below) makes the prompt with
+    the Q-Former; tools/baselines.py's LinearProjectionModel with one linear layer."""
+
+    def __init__(self, llm: nn.Module, tokenizer, prompt: str = "a photo of", max_text_len: int = 32,
+                 add_bos: bool | None = None):
         """llm: a transformers causal LM or seq2seq LM (frozen here); tokenizer: its tokenizer (needs an EOS).
 
         add_bos (decoder-only LLMs): put the tokenizer's BOS between the queries and the text. None = do what
@@ -40,12 +44,7 @@ class Stage2Model(nn.Module):
         Blip2Processor keep it, after the queries), SmolLM2's adds none, so neither do we.
         """
         super().__init__()
-        self.qcfg, self.tokenizer, self.max_text_len = qcfg, tokenizer, max_text_len
-        self.prompt = prompt
-        self.ln_vision = nn.LayerNorm(qcfg.vision_width)
-        self.qformer = QFormer(qcfg, with_text=False)
-        width = llm.get_input_embeddings().embedding_dim  # = hidden_size / d_model (OPT-350m: word_embed_proj_dim)
-        self.llm_proj = nn.Linear(qcfg.hidden_size, width)
+        self.tokenizer, self.max_text_len, self.prompt = tokenizer, max_text_len, prompt
         self.llm = freeze(llm)
         self.is_encoder_decoder = bool(llm.config.is_encoder_decoder)
         if tokenizer.eos_token_id is None:
@@ -56,6 +55,10 @@ class Stage2Model(nn.Module):
             bos, ids = tokenizer.bos_token_id, tokenizer("a", add_special_tokens=True)["input_ids"]
             add_bos = bos is not None and len(ids) > 0 and ids[0] == bos
         self.bos = [tokenizer.bos_token_id] if add_bos and not self.is_encoder_decoder else []
+
+    def visual_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Frozen image tokens (B, N, Dv) -> soft visual prompt (B, Q, D) in the LLM's dtype."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ weights
 
@@ -72,30 +75,7 @@ class Stage2Model(nn.Module):
         if missing or unexpected:
             raise KeyError(f"stage-2 checkpoint mismatch: missing {missing}, unexpected {unexpected}")
 
-    @torch.no_grad()
-    def from_stage1(self, stage1_state: dict[str, torch.Tensor]) -> "Stage2Model":
-        """Copy ln_vision and the Q-Former's query path from a Stage1Model state dict; the text parts (word/position
-        embeddings, text FFNs, lm_head, projections, itm_head, temp) are dropped. Not calling this = the
-        "no stage 1" ablation (a freshly initialised Q-Former)."""
-        own = self.state_dict()
-        for k in own:
-            if k.startswith(("ln_vision.", "qformer.")):
-                if k not in stage1_state:
-                    raise KeyError(f"stage-1 state dict has no {k!r}: do the QFormerConfigs match?")
-                own[k].copy_(stage1_state[k])
-        # what stage 1 trained; build_optimizer scales their lr by Stage2Config.pretrained_lr_scale
-        self.pretrained_names = {n for n, _ in self.named_parameters() if n.startswith(("ln_vision.", "qformer."))}
-        return self
-
     # ------------------------------------------------------------------ inputs
-
-    def visual_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Frozen image tokens (B, N, Dv) -> soft visual prompt (B, Q, D) in the LLM's dtype.
-
-        The Q-Former stays fp32 (fp16 training of it diverges); only its output is cast for a fp16/bf16 LLM.
-        """
-        img = self.ln_vision(image_embeds.to(self.ln_vision.weight.dtype))
-        return self.llm_proj(self.qformer(img)).to(self.llm.get_input_embeddings().weight.dtype)
 
     def llm_inputs(self, image_embeds, input_ids, attention_mask) -> dict[str, torch.Tensor]:
         """[visual prompt | embedded tokens]: inputs_embeds (B, Q+T, D) and attention_mask (B, Q+T).
@@ -120,7 +100,7 @@ class Stage2Model(nn.Module):
         leaves no text at all in front of the generated tokens (the queries alone)."""
         T = max(len(s) for s in seqs)
         rows = [[value] * (T - len(s)) + s if left else s + [value] * (T - len(s)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.long, device=self.llm_proj.weight.device)
+        return torch.tensor(rows, dtype=torch.long, device=self.llm.get_input_embeddings().weight.device)
 
     def caption_batch(self, captions: list[str], prompt=None):
         """Decoder-only: token ids / attention mask / labels (B, T) for [BOS? | prompt | caption | EOS | pad].
@@ -179,10 +159,11 @@ class Stage2Model(nn.Module):
             logits = out.logits  # (B, T_dec, V): position t predicts labels[:, t]
         else:
             ids, mask, labels = self.caption_batch(captions, prompt)
-            Q = self.qcfg.num_queries
+            inputs = self.llm_inputs(image_embeds, ids, mask)
+            Q = inputs["inputs_embeds"].shape[1] - ids.shape[1]  # the soft prompt's length
             labels = torch.cat([labels.new_full((labels.shape[0], Q), -100), labels], dim=1)  # (B, Q+T)
             # right padding: real tokens sit at positions 0..len-1, exactly as without padding
-            logits = self.llm(**self.llm_inputs(image_embeds, ids, mask)).logits[:, :-1]  # position t predicts t+1
+            logits = self.llm(**inputs).logits[:, :-1]  # position t predicts t+1
             labels = labels[:, 1:]
         keep = labels != -100
         loss = F.cross_entropy(logits[keep].float(), labels[keep])  # only the target rows, in fp32
@@ -233,3 +214,39 @@ class Stage2Model(nn.Module):
         # decoder-only generate() from inputs_embeds returns only the new tokens; T5 starts with its decoder start
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
+
+
+class Stage2Model(FrozenLLMCaptioner):
+    """BLIP-2's stage 2: frozen image tokens -> ln_vision -> Q-Former queries (B, Q, H) -> llm_proj -> (B, Q, D)."""
+
+    def __init__(self, qcfg: QFormerConfig, llm: nn.Module, tokenizer, prompt: str = "a photo of",
+                 max_text_len: int = 32, add_bos: bool | None = None):
+        super().__init__(llm, tokenizer, prompt, max_text_len, add_bos)
+        self.qcfg = qcfg
+        self.ln_vision = nn.LayerNorm(qcfg.vision_width)
+        self.qformer = QFormer(qcfg, with_text=False)
+        width = llm.get_input_embeddings().embedding_dim  # = hidden_size / d_model (OPT-350m: word_embed_proj_dim)
+        self.llm_proj = nn.Linear(qcfg.hidden_size, width)
+
+    @torch.no_grad()
+    def from_stage1(self, stage1_state: dict[str, torch.Tensor]) -> "Stage2Model":
+        """Copy ln_vision and the Q-Former's query path from a Stage1Model state dict; the text parts (word/position
+        embeddings, text FFNs, lm_head, projections, itm_head, temp) are dropped. Not calling this = the
+        "no stage 1" ablation (a freshly initialised Q-Former)."""
+        own = self.state_dict()
+        for k in own:
+            if k.startswith(("ln_vision.", "qformer.")):
+                if k not in stage1_state:
+                    raise KeyError(f"stage-1 state dict has no {k!r}: do the QFormerConfigs match?")
+                own[k].copy_(stage1_state[k])
+        # what stage 1 trained; build_optimizer scales their lr by Stage2Config.pretrained_lr_scale
+        self.pretrained_names = {n for n, _ in self.named_parameters() if n.startswith(("ln_vision.", "qformer."))}
+        return self
+
+    def visual_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Frozen image tokens (B, N, Dv) -> soft visual prompt (B, Q, D) in the LLM's dtype.
+
+        The Q-Former stays fp32 (fp16 training of it diverges); only its output is cast for a fp16/bf16 LLM.
+        """
+        img = self.ln_vision(image_embeds.to(self.ln_vision.weight.dtype))
+        return self.llm_proj(self.qformer(img)).to(self.llm.get_input_embeddings().weight.dtype)

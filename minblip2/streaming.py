@@ -24,7 +24,7 @@ import torch
 
 from . import dist
 from .data import (WORKER_TIMEOUT_S, BadImageError, SkipCounter, _import_datasets_offline, _no_progress_bars,
-                   check_parquet, collate, load_image)
+                   check_parquet, collate, encode_batch, load_image, resolve_num_workers)
 
 
 def list_shards(source) -> list[str]:
@@ -188,7 +188,6 @@ class StreamingData:
     def build(cls, cfg, device) -> "StreamingData":
         from .backbones import load_image_encoder
         from .data import train_transform
-        from .tasks import resolve_num_workers
 
         d = cfg.data
         encoder = load_image_encoder(cfg.vision).to(device)
@@ -243,6 +242,4 @@ class StreamingData:
         return {"kind": "stream", "world_size": dist.world_size(), "positions": positions}
 
     def model_inputs(self, batch, device):
-        from .tasks import encode_batch
-
         return encode_batch(self.encoder, batch, device)

@@ -4,40 +4,58 @@ The training loop (train.py) is the same for both stages; this file holds the di
 """
 from __future__ import annotations
 
-import os
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from . import dist
 from .backbones import load_bert, load_image_encoder, load_llm
-from .config import Config, DataConfig, TrainConfig
-from .data import (WORKER_TIMEOUT_S, ImageTextDataset, Pairs, load_coco, load_pairs, pairs_from_records,
-                   pre_caption, to_model_input, tokenize, train_transform)
+from .checkpoint import latest_checkpoint
+from .config import Config, TrainConfig
+from .data import (WORKER_TIMEOUT_S, ImageTextDataset, Pairs, encode_batch, load_coco, load_pairs, pairs_from_records,
+                   pre_caption, resolve_num_workers, tokenize, train_transform)
 from .features import cached_features
 from .qformer import load_bert_weights
 from .stage1 import Stage1Model
+from .stage2 import Stage2Model
 
 
-def resolve_num_workers(dcfg: DataConfig, device) -> int:
-    """DataConfig.num_workers, or for None: 0 on a CPU (the training process already uses every core),
-    else the CPU cores this process may use, minus one for itself, at most 8."""
-    if dcfg.num_workers is not None:
-        return int(dcfg.num_workers)
-    if torch.device(device).type == "cpu":
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(0, min(8, per_process - 1))
+# ----------------------------------------------------------------------------- data order
+
+
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> torch.Tensor:
+    """The global batch of `step`: epoch e shuffles 0..n-1 with seed+e and takes consecutive slices.
+
+    A pure function of (seed, step): resuming at any step sees exactly the batches it would have seen,
+    and splitting the global batch into per-process slices (see `local_slice`) gives DDP the same data
+    as one process with the whole batch. The last partial batch of an epoch is dropped.
+    """
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({n} samples)")
+    epoch, i = divmod(step, per_epoch)
+    return _permutation(n, seed + epoch)[i * global_batch:(i + 1) * global_batch]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int) -> torch.Tensor:  # once per epoch, not once per step (n may be 10^8)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def local_slice(idx: torch.Tensor) -> torch.Tensor:
+    """This process's share of a global batch (rank order)."""
+    b = len(idx) // dist.world_size()
+    return idx[dist.rank() * b:(dist.rank() + 1) * b]
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """This process's micro-batches of sample indices for steps start..end-1, in training order.
+    """This process's micro-batches of sample indices for steps start..end-1, in training order: step s's
+    `local_slice(batch_indices(s, ...))` cut into grad_accum micro-batches.
 
-    Step s's global batch is train.batch_indices(s, ...) (epoch e = a permutation seeded by seed + e); this
-    process takes its slice (train.local_slice) and cuts it into grad_accum micro-batches. An index is
-    numbered across epochs (j + e * n), so a sample's augmentation differs from epoch to epoch
+    An index is numbered across epochs (j + e * n), so a sample's augmentation differs from epoch to epoch
     (ImageTextDataset reads it as j % n). A pure function of the step: resuming at any step is exact.
     """
 
@@ -52,14 +70,9 @@ class StepSampler(torch.utils.data.Sampler):
         return max(0, self.end - self.start) * self.grad_accum
 
     def __iter__(self):
-        per_epoch, perm_epoch, perm = self.n // self.global_batch, None, None
-        rank, b = dist.rank(), self.batch_size * self.grad_accum
+        per_epoch = self.n // self.global_batch
         for step in range(self.start, self.end):
-            epoch, i = divmod(step, per_epoch)
-            if epoch != perm_epoch:  # = train.batch_indices, one permutation per epoch instead of one per step
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-                perm_epoch = epoch
-            idx = perm[i * self.global_batch:(i + 1) * self.global_batch][rank * b:(rank + 1) * b] + epoch * self.n
+            idx = local_slice(batch_indices(step, self.n, self.global_batch, self.seed)) + (step // per_epoch) * self.n
             for m in range(self.grad_accum):
                 yield idx[m * self.batch_size:(m + 1) * self.batch_size]
 
@@ -149,32 +162,18 @@ class ImageTextData:
         return self.model_inputs(self.dataset().__getitems__(idx), device)
 
 
-def encode_batch(encoder, batch: dict, device):
-    """A batch from the DataLoader -> (image tokens (B, N, D) float32 on `device`, captions, image ids on `device`).
-    Cached rows are copied (non_blocking: from pinned memory on a GPU) and cast; uint8 pixels are copied,
-    normalised and encoded by the frozen encoder on the device, the whole batch at once."""
-    ids = batch["image_id"].to(device, non_blocking=True)
-    if "features" in batch:
-        return batch["features"].to(device, non_blocking=True).float(), batch["caption"], ids
-    pixels = batch["image"].to(device, non_blocking=True)
-    if pixels.dtype == torch.uint8:
-        pixels = to_model_input(pixels, encoder.mean, encoder.std)
-    with torch.no_grad():  # the encoder is frozen: no graph is kept
-        return encoder(pixels), batch["caption"], ids
-
-
 def _as_is(batch):
     return batch  # ImageTextDataset.__getitems__ already returns the collated batch
 
 
 @dataclass
 class StageTask:
+    """What train() needs from a stage: the model, its data, and `loss(model, batch)`. Stage1Task and Stage2Task
+    differ only in how a batch of (image tokens, captions) becomes the model's input."""
+
     model: torch.nn.Module
     data: ImageTextData
-    tokenizer: object = None  # stage 1: the Q-Former's BERT tokenizer
-    max_text_len: int = 32
-    has_unused_parameters: bool = False
-    stage: int = 1
+    has_unused_parameters: bool = False  # DDP must look for parameters without gradients (a loss switched off)
 
     @property
     def num_samples(self):
@@ -199,15 +198,31 @@ class StageTask:
             (emb, caps, ids), batch = self.data.batch(batch, device), {}
         else:
             emb, caps, ids = self.data.model_inputs(batch, device)
-        if self.stage == 1:
-            tok = tokenize(self.tokenizer, caps, self.max_text_len)
-            out = model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids,
-                        generator=generator)
-        else:
-            out = model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
+        out = self.forward(model, emb, caps, ids, device, generator)
         if getattr(self.data, "skip_bad", False):  # train() logs the step's total over micro-batches and processes
             out = {**out, "bad_images": torch.tensor(float(batch.get("num_skipped", 0)), device=device)}
         return out
+
+
+@dataclass
+class Stage1Task(StageTask):
+    tokenizer: object = None  # the Q-Former's BERT tokenizer
+    max_text_len: int = 32
+
+    def __post_init__(self):
+        if set(self.model.scfg.losses) != {"itc", "itm", "itg"}:
+            self.has_unused_parameters = True  # e.g. no ITG: the LM head gets no gradient
+
+    def forward(self, model, emb, caps, ids, device, generator):
+        tok = tokenize(self.tokenizer, caps, self.max_text_len)
+        return model(emb, tok["input_ids"].to(device), tok["attention_mask"].to(device), image_ids=ids,
+                     generator=generator)
+
+
+@dataclass
+class Stage2Task(StageTask):
+    def forward(self, model, emb, caps, ids, device, generator):
+        return model(emb, [pre_caption(c) for c in caps])  # cleaned as stage 1's (tokenize) and LAVIS's are
 
 
 def build_stage1_model(cfg: Config):
@@ -225,10 +240,6 @@ def build_stage1_model(cfg: Config):
 
 def build_stage2_model(cfg: Config, stage1_dir: str | Path | None = None):
     """A Stage2Model on the frozen LLM; its Q-Former comes from the stage-1 run (unless from_stage1=False)."""
-    from .stage2 import Stage2Model
-    from .train import latest_checkpoint
-    from safetensors.torch import load_file
-
     llm, tokenizer = load_llm(cfg.llm)
     model = Stage2Model(cfg.qformer, llm, tokenizer, prompt=cfg.llm.prompt, max_text_len=cfg.data.max_text_len)
     if cfg.stage2.from_stage1:
@@ -256,6 +267,5 @@ def build_task(cfg: Config, stage: int, device, stage1_dir=None) -> StageTask:
         data = ImageTextData.build(cfg, "train", t.cache_features, device)
     if stage == 1:
         model, tokenizer = build_stage1_model(cfg)
-        unused = set(cfg.stage1.losses) != {"itc", "itm", "itg"}
-        return StageTask(model, data, tokenizer, cfg.data.max_text_len, unused, stage=1)
-    return StageTask(build_stage2_model(cfg, stage1_dir), data, stage=2)
+        return Stage1Task(model, data, tokenizer=tokenizer, max_text_len=cfg.data.max_text_len)
+    return Stage2Task(build_stage2_model(cfg, stage1_dir), data)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -26,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from . import dist
+from . import dist, runtime
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .config import Config, TrainConfig, check_llm_precision, config_from_command_line
 
 
@@ -67,138 +65,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(list(groups.values()), lr=t.lr, betas=tuple(t.betas), fused=fused or None)
 
 
-# ----------------------------------------------------------------------------- data order
-
-
-def batch_indices(step: int, n: int, global_batch: int, seed: int) -> torch.Tensor:
-    """The global batch of `step`: epoch e shuffles 0..n-1 with seed+e and takes consecutive slices.
-
-    A pure function of (seed, step): resuming at any step sees exactly the batches it would have seen,
-    and splitting the global batch into per-process slices (see `local_slice`) gives DDP the same data
-    as one process with the whole batch. The last partial batch of an epoch is dropped.
-    """
-    per_epoch = n // global_batch
-    if per_epoch == 0:
-        raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({n} samples)")
-    epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[i * global_batch:(i + 1) * global_batch]
-
-
-def local_slice(idx: torch.Tensor) -> torch.Tensor:
-    b = len(idx) // dist.world_size()
-    return idx[dist.rank() * b:(dist.rank() + 1) * b]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trainable weights only (the frozen encoder/LLM are never saved); tied weights once."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model, state: dict[str, torch.Tensor], source: str = "checkpoint"):
-    """Load weights saved by `trainable_state`, with an error that names every mismatch."""
-    own = dict(getattr(model, "module", model).named_parameters())
-    want = {n for n, p in own.items() if p.requires_grad}
-    problems = [f"missing {k}" for k in sorted(want - set(state))]
-    problems += [f"unexpected {k}" for k in sorted(set(state) - set(own))]
-    problems += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if problems:
-        raise ValueError(f"{source} does not fit this model (was it written with another config? compare its "
-                         f"config.json with yours): " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
-
-
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scaler, cfg: Config, keep: int = 2,
-                    rng: list | None = None, data_state=None) -> Path:
-    """Write ckpt-<step>/ into a temp dir, rename it into place, then point `latest` at it (both atomic).
-
-    A crash at any moment leaves `latest` naming a complete checkpoint: a half-written one is never read.
-    rng: every process's random state, in rank order (`dist.all_gather_object(_rng_state())`); default this one's.
-    """
-    final = ckpt_root / f"ckpt-{step:07d}"
-    tmp = ckpt_root / f".tmp-ckpt-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng or [_rng_state()],
-                "data_state": data_state},  # a streamed source's position (tasks.py); None: the step says it
-               tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _atomic_write(ckpt_root / "latest", final.name)
-    for old in sorted(ckpt_root.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    ptr = ckpt_root / "latest"
-    if not ptr.exists():
-        return None
-    path = ckpt_root / ptr.read_text().strip()
-    return path if (path / "state.pt").exists() else None
-
-
-def load_checkpoint(path: Path, model, optimizer=None, scaler=None, task=None) -> int:
-    """Restore weights (+ optimizer, scaler and RNG when given, + the data position when a task is given);
-    returns the step to continue from."""
-    try:
-        weights = load_file(str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated / corrupt files
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start "
-                         f"over, or point `latest` in {path.parent} at an older ckpt-* directory") from e
-    load_trainable_state(model, weights, source=f"checkpoint {path}")
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    if optimizer is not None:  # a real resume: continue the random streams too, each process its own
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # a dict: written by one process
-        if dist.rank() < len(rngs):
-            _set_rng_state(rngs[dist.rank()])
-        if len(rngs) != dist.world_size() and dist.is_master():
-            print(f"note: {path} was written by {len(rngs)} process(es), this run has {dist.world_size()}: the data "
-                  f"order is the same, the random streams (dropout) are not those of an uninterrupted run")
-    if task is not None and hasattr(task, "load_data_state"):
-        task.load_data_state(state.get("data_state"))
-    return state["step"]
-
-
-def _rng_state():
-    """This process's random state. Under DDP each process has its own (seeded seed + rank: its own dropout
-    masks), so a checkpoint keeps every process's, in rank order. CUDA: this process's GPU only (asking for
-    every GPU's state would open a CUDA context on each of them, in every process)."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    cuda = s.get("cuda")
-    if isinstance(cuda, list):  # older checkpoints: every GPU's state
-        cuda = cuda[torch.cuda.current_device()] if cuda and torch.cuda.is_available() else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------- seeds
 
 
 def seed_everything(seed: int):
@@ -220,14 +87,14 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     Writes run_dir (default <out_dir>/stage<N>): checkpoints/, log.csv, losses.png.
     """
     from .tasks import build_task  # tasks imports the heavy model code
-    from .plots import plot_losses
+    from .tools.plots import plot_losses
 
     t: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
     device = dist.setup(cfg.device)
     check_compile(t, device)
     if stage == 2:
         check_llm_precision(cfg)
-    seed_everything(t.seed + dist.rank())  # different dropout per process, same data order (see batch_indices)
+    seed_everything(t.seed + dist.rank())  # different dropout per process, same data order (see tasks.batch_indices)
     task = task or build_task(cfg, stage, device, stage1_dir=init_from)
     model = task.model.to(device)
     run_dir = Path(run_dir or Path(cfg.out_dir) / f"stage{stage}")
@@ -258,7 +125,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     end = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
     batches = task.batches(start, end, t, device)  # this process's micro-batches, step by step (tasks.py: a DataLoader)
     model.train()
-    bar = dist.progress_bar(range(start, end), progress, desc=f"stage {stage}", initial=start, total=t.max_steps,
+    bar = runtime.progress_bar(range(start, end), progress, desc=f"stage {stage}", initial=start, total=t.max_steps,
                             dynamic_ncols=True)
     overflows = 0  # fp16: consecutive steps whose gradients overflowed (the GradScaler skipped them)
     t0 = time.time()
@@ -273,7 +140,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
             sync = micro == t.grad_accum - 1 or dist.world_size() == 1
             ctx = nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()
             with ctx:
-                with dist.autocast(t.amp, device):
+                with runtime.autocast(t.amp, device):
                     out = task.loss(train_model, mb, device, generator=step_generator(t.seed, step, micro, device))
                 loss = out["loss"] / t.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -314,7 +181,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         done = step + 1
         ckpt = done % t.ckpt_every == 0 or done == end
         # every process's random state (a collective: all of them take part), so a resume is exact per process
-        rng = dist.all_gather_object(_rng_state()) if ckpt else None
+        rng = dist.all_gather_object(rng_state()) if ckpt else None
         data_state = task.data_state() if ckpt and hasattr(task, "data_state") else None  # every process
         if dist.is_master():
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}")
@@ -391,7 +258,7 @@ def main(argv=None):
     args, overrides = p.parse_known_args(argv)
     cfg = config_from_command_line(args.preset, overrides)  # a mistake: one line, exit status 2
     if args.dry_run:
-        from .dryrun import dry_run, format_report
+        from .tools.dryrun import dry_run, format_report
 
         print(format_report(dry_run(cfg, args.stage)))
         return 0

@@ -17,7 +17,7 @@ What it runs, each through `train.train` as a real run would (checkpoints are no
   4. beam search (5 beams, 10 new tokens, 8 images) with that stage-2 model,
   5. stage 1, `paper` with cached image features,
 and prints a table -- step time (median, first step left out), samples/s, peak memory against the dry run's
-estimate (`minblip2/dryrun.py`) -- and writes it as JSON. lessons/08_scaling_up.ipynb shows what an H100 gave.
+estimate (`minblip2/tools/dryrun.py`) -- and writes it as JSON. lessons/08_scaling_up.ipynb shows what an H100 gave.
 Without a CUDA GPU (and without --tiny) it says so and exits 0.
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def build_llm(cfg, tiny: bool, vocab_size: int, device):
     import transformers
 
     from minblip2.backbones import build_llm_from_config
-    from minblip2.dryrun import PUBLISHED_LLM_CONFIGS
+    from minblip2.tools.dryrun import PUBLISHED_LLM_CONFIGS
 
     if tiny:
         config = transformers.OPTConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
@@ -157,7 +157,7 @@ def measure(fn, device) -> tuple[object, int]:
         torch.cuda.synchronize(device)
         return result, torch.cuda.max_memory_allocated(device)
     sys.path.insert(0, str(REPO / "bench"))
-    from run import peak_step_memory  # the CPU allocation profiler (a running total of allocated bytes)
+    from common import peak_step_memory  # the CPU allocation profiler (a running total of allocated bytes)
 
     box = {}
     peak = peak_step_memory(lambda: box.setdefault("result", fn()), device)
@@ -166,11 +166,11 @@ def measure(fn, device) -> tuple[object, int]:
 
 def run_all(tiny: bool, steps: int, work: Path) -> dict:
     import minblip2.train as train_mod
-    from minblip2 import dist
-    from minblip2.dryrun import estimate_memory
+    from minblip2 import dist, runtime
+    from minblip2.tools.dryrun import estimate_memory
     from minblip2.stage1 import Stage1Model
     from minblip2.stage2 import Stage2Model
-    from minblip2.tasks import ImageTextData, StageTask
+    from minblip2.tasks import ImageTextData, Stage1Task, Stage2Task
 
     device = torch.device("cpu" if tiny else "cuda")
     train_mod.save_checkpoint = lambda *a, **k: None  # a speed check: no multi-GB optimizer states on disk
@@ -190,11 +190,11 @@ def run_all(tiny: bool, steps: int, work: Path) -> dict:
         torch.manual_seed(0)
         if stage == 1:
             model = Stage1Model(cfg.qformer, cfg.stage1)
-            task = StageTask(model, d, tokenizer, cfg.data.max_text_len, stage=1)
+            task = Stage1Task(model, d, tokenizer=tokenizer, max_text_len=cfg.data.max_text_len)
         else:
             llm = build_llm(cfg, tiny, vocab, device)
             model = Stage2Model(cfg.qformer, llm, tokenizer, prompt=cfg.llm.prompt, max_text_len=cfg.data.max_text_len)
-            task = StageTask(model, d, stage=2)
+            task = Stage2Task(model, d)
         run_dir = work / name.replace(" ", "_").replace(",", "")
         _, peak = measure(lambda: train_mod.train(cfg, stage, task, resume=False, progress=False, run_dir=run_dir),
                           device)
@@ -218,7 +218,7 @@ def run_all(tiny: bool, steps: int, work: Path) -> dict:
         if stage == 2:  # beam search with the stage-2 model, as run.py captions
             model.eval()
             emb = d.batch(torch.arange(8), device)[0]
-            with dist.autocast(t.amp, device):
+            with runtime.autocast(t.amp, device):
                 model.generate(emb[:2], num_beams=5, max_new_tokens=10)  # warm-up
                 if device.type == "cuda":
                     torch.cuda.synchronize()

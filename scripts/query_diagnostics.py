@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/query_diagnostics.py [RUN_DIR]    # default runs/coco-mini, ~2 min
 
-Stage 1 (64 images; minblip2/diagnostics.py says what each number means):
+Stage 1 (64 images; minblip2/tools/diagnostics.py says what each number means):
 - query-query cos (1.000 = all queries output one vector), image-image cos, image-specific energy;
 - per cross-attention layer: attention entropy (uniform over 257 tokens = 5.55), largest weight, weight on [CLS].
 Stage 2 (96 images, first caption each): caption loss with the right image vs another image's (`gap`: what
@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from minblip2 import config
 from minblip2.backbones import load_bert
 from minblip2.config import REPO_ROOT
-from minblip2.diagnostics import cross_attention_stats, image_use, query_stats
-from minblip2.run import TestSplit
+from minblip2.tools.diagnostics import cross_attention_stats, image_use, query_stats
+from minblip2.tools.coco_mini import TestSplit
 from minblip2.stage1 import Stage1Model
 from minblip2.tasks import build_stage1_model, build_stage2_model
-from minblip2.train import latest_checkpoint, load_trainable_state
+from minblip2.checkpoint import latest_checkpoint, load_trainable_state
 
 RUN = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "runs" / "coco-mini"
 cfg = config.cpu()

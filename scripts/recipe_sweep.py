@@ -10,20 +10,20 @@ Stage-1 runs are shared between variants (runs/recipe/stage1/<s1>-s<seed>/). Wri
 """
 import argparse
 import json
-import sys
 import time
 
 import torch
 
-from minblip2 import config, dist, losses
-from minblip2.baselines import nearest_neighbour_captions, pooled_image_features
+from minblip2 import config, losses
+from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
-from minblip2.diagnostics import query_stats
+from minblip2.tools.diagnostics import query_stats
 from minblip2.config import REPO_ROOT, apply_overrides
-from minblip2.run import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
+from minblip2.tools.coco_mini import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
 from minblip2.qformer import init_bert_weights
-from minblip2.tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
-from minblip2.train import latest_checkpoint, load_trainable_state, seed_everything, train
+from minblip2.tasks import ImageTextData, Stage1Task, Stage2Task, build_stage1_model, build_stage2_model
+from minblip2.train import seed_everything, train
+from minblip2.checkpoint import latest_checkpoint, load_trainable_state
 from safetensors.torch import load_file
 
 S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply to stage 2 too) and TWEAKS
@@ -111,8 +111,7 @@ def stage1_run(s1: str, steps: int, seed: int):
         w, itg = tw.get("itg_weight", 1.0), losses.itg_loss
         losses.itg_loss = lambda *a, **k: w * itg(*a, **k)  # stage1.py calls losses.itg_loss at every step
         try:
-            train(c, 1, task=StageTask(model, data, tok, c.data.max_text_len, set(c.stage1.losses) != {"itc", "itm", "itg"},
-                                       stage=1), run_dir=run_dir)
+            train(c, 1, task=Stage1Task(model, data, tokenizer=tok, max_text_len=c.data.max_text_len), run_dir=run_dir)
         finally:
             losses.itg_loss = itg
     else:
@@ -138,7 +137,7 @@ def run(name: str, seed: int) -> dict:
         s1_dir = MAIN_STAGE1
     elif s1 not in ("random", "bert"):
         s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, seed)
-        k = c1.stage1.itm_rerank_k
+        k = c1.eval.itm_rerank_k
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
         res["query_cos"] = query_cos(s1_model, val.features[:64])
     seed_everything(seed + 1)
@@ -148,10 +147,10 @@ def run(name: str, seed: int) -> dict:
         model.from_stage1(untrained.state_dict())
     run_dir = RUNS / "stage2" / f"{name}-s{seed}"
     t0 = time.time()
-    train(cfg, 2, task=StageTask(model, data, stage=2), run_dir=run_dir)
+    train(cfg, 2, task=Stage2Task(model, data), run_dir=run_dir)
     res["train_seconds"] = round(time.time() - t0)
-    preds = generate_captions(model, val.features, 16, cfg.stage2.num_beams, cfg.stage2.max_new_tokens, device,
-                              cfg.stage2.amp, cfg.stage2.no_repeat_ngram_size)
+    preds = generate_captions(model, val.features, 16, cfg.eval.num_beams, cfg.eval.max_new_tokens, device,
+                              cfg.stage2.amp, cfg.eval.no_repeat_ngram_size)
     m = caption_metrics(dict(zip(val.image_ids, preds)), dict(zip(val.image_ids, val.captions)))
     res["val_captions"] = {k: round(v, 2) for k, v in m.items()}
     res["distinct"] = len(set(preds))

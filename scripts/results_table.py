@@ -1,10 +1,10 @@
-"""Print README's results tables (markdown) from a metrics file written by `python -m minblip2.run`."""
+"""Print README's results tables (markdown) from a metrics file written by `python -m minblip2.tools.coco_mini`."""
 import json
 import sys
 
 path = sys.argv[1] if len(sys.argv) > 1 else "results/coco-mini.json"
 d = json.load(open(path))
-k = d["config"]["stage1"]["itm_rerank_k"]
+k = d["config"].get("eval", d["config"]["stage1"])["itm_rerank_k"]
 names1 = {"qformer": f"Q-Former (ITC+ITM+ITG), ITM re-ranks the ITC top {k}", "qformer_itc_only": "same model, ranked by ITC only",
           "qformer_no_itg": "Q-Former trained without ITG", "linear_probe": "linear probe (frozen pooled features)"}
 keys1 = ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"]

@@ -14,10 +14,10 @@ import torch
 
 from minblip2 import config
 from minblip2.config import REPO_ROOT, apply_overrides
-from minblip2.diagnostics import query_stats
-from minblip2.baselines import pooled_image_features
-from minblip2.run import TestSplit, linear_probe_retrieval, stage1_retrieval
-from minblip2.tasks import ImageTextData, StageTask, build_stage1_model
+from minblip2.tools.diagnostics import query_stats
+from minblip2.tools.baselines import pooled_image_features
+from minblip2.tools.coco_mini import TestSplit, linear_probe_retrieval, stage1_retrieval
+from minblip2.tasks import ImageTextData, Stage1Task, build_stage1_model
 from minblip2.train import train
 
 ITC = "--stage1.losses=('itc',)"
@@ -85,12 +85,13 @@ def run(name: str, overrides: list[str]) -> dict:
                     layer.cross_attn.query.weight.mul_(3)
                     layer.cross_attn.key.weight.mul_(3)
     t0 = time.time()
-    task = StageTask(model, data, tokenizer, cfg.data.max_text_len, has_unused_parameters=True, stage=1)
+    task = Stage1Task(model, data, has_unused_parameters=True, tokenizer=tokenizer,
+                      max_text_len=cfg.data.max_text_len)
     train(cfg, 1, task=task, resume=False, progress=True, run_dir=run_dir)
     seconds = round(time.time() - t0)
     test = TestSplit(cfg, tokenizer, device)
     test.features = _tokens(test.features, overrides)
-    k = cfg.stage1.itm_rerank_k if "itm" in cfg.stage1.losses else 0
+    k = cfg.eval.itm_rerank_k if "itm" in cfg.stage1.losses else 0
     rerank, itc, _ = stage1_retrieval(model, test, k, device, cfg.stage1.amp)
     return {"overrides": OLD + overrides, "steps": cfg.stage1.max_steps, "train_seconds": seconds, "itc": itc,
             "rerank": rerank, "train_loss_last10": _last10(run_dir), "query_cos": _query_cos(model, test)}

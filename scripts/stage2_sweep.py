@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from minblip2 import config, dist
+from minblip2 import config, runtime
 from minblip2.caption_eval import caption_metrics
 from minblip2.config import REPO_ROOT, apply_overrides
-from minblip2.diagnostics import image_use
-from minblip2.run import TestSplit, generate_captions
-from minblip2.tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
+from minblip2.tools.diagnostics import image_use
+from minblip2.tools.coco_mini import TestSplit, generate_captions
+from minblip2.tasks import ImageTextData, Stage2Task, build_stage1_model, build_stage2_model
 from minblip2.train import train
 from stage1_sweep import _last10  # scripts/ is on the path when this file runs
 
@@ -91,15 +91,15 @@ def run(name: str, overrides: list[str]) -> dict:
             with torch.no_grad():
                 model.llm_proj.query_bias.normal_(0, model.llm.get_input_embeddings().weight.float().std().item())
     t0 = time.time()
-    train(cfg, 2, task=StageTask(model, data, stage=2), resume=False, progress=True, run_dir=run_dir)
+    train(cfg, 2, task=Stage2Task(model, data), resume=False, progress=True, run_dir=run_dir)
     seconds = round(time.time() - t0)
     test = TestSplit(cfg, tokenizer, device)
     if NO_IMAGE in overrides:
         test.features = torch.zeros_like(test.features)
-    preds = generate_captions(model, test.features, 16, cfg.stage2.num_beams, cfg.stage2.max_new_tokens, device,
-                              cfg.stage2.amp, cfg.stage2.no_repeat_ngram_size)
+    preds = generate_captions(model, test.features, 16, cfg.eval.num_beams, cfg.eval.max_new_tokens, device,
+                              cfg.stage2.amp, cfg.eval.no_repeat_ngram_size)
     metrics = caption_metrics(dict(zip(test.image_ids, preds)), dict(zip(test.image_ids, test.captions)))
-    with dist.autocast(cfg.stage2.amp, device):
+    with runtime.autocast(cfg.stage2.amp, device):
         use = image_use(model, test.features[:96], [caps[0] for caps in test.captions[:96]])
     return {"overrides": overrides, "steps": cfg.stage2.max_steps, "train_seconds": seconds,
             "metrics": {k: round(v, 2) for k, v in metrics.items()}, "train_loss_last10": _last10(run_dir),

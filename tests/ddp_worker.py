@@ -86,7 +86,7 @@ def tiny_task(cfg: Config, model_seed: int | None = None, init_scale: float = 5.
     recipe's seed), the synthetic data, the offline BERT tokenizer (+ [DEC])."""
     from minblip2.backbones import load_bert
     from minblip2.stage1 import Stage1Model
-    from minblip2.tasks import StageTask
+    from minblip2.tasks import Stage1Task
 
     torch.manual_seed(cfg.stage1.seed if model_seed is None else model_seed)  # as build_task: after seeding
     model = Stage1Model(cfg.qformer, cfg.stage1)
@@ -99,7 +99,7 @@ def tiny_task(cfg: Config, model_seed: int | None = None, init_scale: float = 5.
                 p.mul_(init_scale)
     tokenizer = load_bert(cfg.qformer)[1]
     unused = set(cfg.stage1.losses) != {"itc", "itm", "itg"}
-    return StageTask(model, synthetic_data(), tokenizer, max_text_len=16, has_unused_parameters=unused, stage=1)
+    return Stage1Task(model, synthetic_data(), has_unused_parameters=unused, tokenizer=tokenizer, max_text_len=16)
 
 
 # ----------------------------------------------------------------------------- collectives on the right device

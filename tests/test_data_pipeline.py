@@ -18,7 +18,8 @@ from minblip2.config import VisionConfig
 from minblip2.data import ImageDataset, load_pairs, train_transform
 from minblip2.features import cached_features, encode_images, feature_path
 from minblip2.tasks import ImageTextData, StepSampler
-from minblip2.train import batch_indices, local_slice, train
+from minblip2.tasks import batch_indices, local_slice
+from minblip2.train import train
 
 from data_worker import PixelEncoder, make_folder, tiny_pipeline_config
 import ddp_worker

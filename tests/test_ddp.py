@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from minblip2.stage1 import Stage1Model
-from minblip2.train import latest_checkpoint, load_checkpoint, train
+from minblip2.train import train
+from minblip2.checkpoint import latest_checkpoint, load_checkpoint
 
 from ddp_worker import tiny_config, tiny_task, torchrun
 
@@ -139,7 +140,7 @@ def test_ddp_resume_is_exact_in_every_process(tmp_path):
 def test_progress_bar_is_silent_when_asked():
     """Bars go to stderr; lessons (nbval) and non-master ranks must print none, and TQDM_DISABLE=1 must win
     (tqdm reads it at import, hence fresh processes)."""
-    code = ("from minblip2.dist import progress_bar\n"
+    code = ("from minblip2.runtime import progress_bar\n"
             "assert list(progress_bar(range(3), show=False)) == [0, 1, 2]\n"
             "assert list(progress_bar(range(3), desc='bar')) == [0, 1, 2]\n")
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}

@@ -1,10 +1,10 @@
-"""The diagnostics behind README's "why" (minblip2/diagnostics.py): each on a case whose answer is known."""
+"""The diagnostics behind README's "why" (minblip2/tools/diagnostics.py): each on a case whose answer is known."""
 import math
 
 import torch
 
 from minblip2.config import QFormerConfig
-from minblip2.diagnostics import cross_attention_stats, image_use, query_stats
+from minblip2.tools.diagnostics import cross_attention_stats, image_use, query_stats
 from minblip2.qformer import QFormer
 
 from test_stage2 import TINY

@@ -4,7 +4,7 @@ import torch
 
 from minblip2 import backbones, config, train
 from minblip2.config import cpu, gpu24, paper
-from minblip2.dryrun import dry_run
+from minblip2.tools.dryrun import dry_run
 from minblip2.stage1 import Stage1Model
 
 
@@ -142,9 +142,9 @@ def test_estimate_matches_the_measured_peak(ckpt, amp):
     from types import SimpleNamespace
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from run import peak_step_memory  # bench/run.py: the profiler's running total of allocated bytes
+    from common import peak_step_memory  # bench/common.py: the profiler's running total of allocated bytes
 
-    from minblip2.dryrun import estimate_memory
+    from minblip2.tools.dryrun import estimate_memory
 
     b, N = 48, 50
     cfg = _tiny_stage1_cfg(ckpt, amp, b)

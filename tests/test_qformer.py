@@ -5,7 +5,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Bli
 
 from minblip2 import masks
 from minblip2.config import QFormerConfig, Stage1Config, paper
-from minblip2.convert import load_hf_qformer, load_hf_retrieval
+from minblip2.tools.convert import load_hf_qformer, load_hf_retrieval
 from minblip2.qformer import QFormer
 from minblip2.stage1 import Stage1Model
 
@@ -118,7 +118,6 @@ def test_joint_unimodal_pass_equals_separate_passes():
 
 
 def _itg_logits(m, img, ids, att, reuse):
-    m.scfg.itg_reuse_queries = reuse
     Q, T = m.qcfg.num_queries, ids.shape[1]
     x = m.ln_vision(img)
     causal = masks.multimodal_causal_mask(Q, T)
@@ -271,6 +270,31 @@ def test_itm_loss_equals_the_loss_from_raw_image_tokens():
                               torch.cat([att, att, att[neg_text]]))
     assert (neg_image != torch.arange(4)).all()
     assert torch.allclose(out["loss_itm"], losses.itm_loss(logits, num_pos=4), atol=1e-6)
+
+
+@pytest.mark.parametrize("use", [("itc", "itm", "itg"), ("itc", "itg"), ("itm",)])
+def test_fast_losses_equal_the_plain_three_passes(use):
+    """Stage1Model.fast_losses (ITC in one pass, shared image keys/values, ITG on cached queries) is only an
+    optimisation of plain_losses (one Q-Former pass per objective, as the paper describes): same losses, same
+    gradients for every parameter. Dropout off (eval mode): the two spend the random stream differently."""
+    m, img, ids, att = _tiny_model_and_batch(4, pad_from=5)
+    m.scfg.losses = use
+    image_ids = torch.tensor([0, 1, 1, 2])  # two captions of one image: ITC's soft targets, ITM's negatives
+    results = []
+    for fast in (True, False):
+        m.zero_grad()
+        out = (m.fast_losses if fast else m.plain_losses)(img, ids, att, image_ids, torch.Generator().manual_seed(5))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (fast, g_fast), (plain, g_plain) = results
+    for k in fast:
+        assert torch.allclose(fast[k], plain[k], atol=1e-6), k
+    assert g_fast.keys() == g_plain.keys() and len(g_fast) > 10
+    for n in g_fast:
+        assert torch.allclose(g_fast[n], g_plain[n], atol=1e-5, rtol=1e-4), n
+    m.scfg.fast_passes = False  # forward() dispatches on the config
+    assert torch.equal(m(img, ids, att, image_ids, torch.Generator().manual_seed(5))["loss"], plain["loss"])
 
 
 def test_itc_targets_spread_over_every_caption_of_the_same_image():

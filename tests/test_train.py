@@ -19,13 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from minblip2 import dist
-from minblip2.baselines import LinearProjectionModel, nearest_neighbour_captions, train_linear_probe
+from minblip2 import dist, runtime
+from minblip2.tools.baselines import LinearProjectionModel, nearest_neighbour_captions, train_linear_probe
 from minblip2.config import QFormerConfig, TrainConfig
 from minblip2.retrieval import recall_at_k, retrieval_scores
 from minblip2.stage1 import Stage1Model
-from minblip2.train import (batch_indices, latest_checkpoint, load_checkpoint, local_slice, lr_at, save_checkpoint,
-                            train)
+from minblip2.tasks import batch_indices, local_slice
+from minblip2.train import lr_at, train
+from minblip2.checkpoint import latest_checkpoint, load_checkpoint
 
 from ddp_worker import subprocess_env, tiny_config, tiny_task
 
@@ -299,12 +300,12 @@ def test_lr_schedule():
 def test_autocast_follows_the_amp_setting_and_rejects_typos():
     lin = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
-    with dist.autocast("bf16", "cpu"):
+    with runtime.autocast("bf16", "cpu"):
         assert lin(x).dtype == torch.bfloat16
-    with dist.autocast("none", torch.device("cpu")):
+    with runtime.autocast("none", torch.device("cpu")):
         assert lin(x).dtype == torch.float32
     with pytest.raises(ValueError, match="bf61"):
-        dist.autocast("bf61", "cpu")
+        runtime.autocast("bf61", "cpu")
 
 
 def test_batch_indices_epochs_purity_and_ranks(monkeypatch):
@@ -399,7 +400,7 @@ def test_presets_rerank_more_than_the_largest_reported_k():
     construction. coco-mini's test split has 192 images and 960 captions; LAVIS re-ranks the top 128."""
     from minblip2.config import cpu, paper
 
-    assert cpu().stage1.itm_rerank_k == 16 and paper().stage1.itm_rerank_k == 128
+    assert cpu().eval.itm_rerank_k == 16 and paper().eval.itm_rerank_k == 128
 
 
 def test_retrieval_with_a_real_tiny_model():
@@ -557,7 +558,7 @@ def test_cached_views_cycle_through_every_caption_and_view(monkeypatch):
     """Sample j = caption j % num_captions through view j // num_captions (view 0 = the center crop), and the
     linear probe trains on exactly those pairs."""
     from ddp_worker import synthetic_data
-    from minblip2.baselines import probe_training_pairs
+    from minblip2.tools.baselines import probe_training_pairs
 
     data = synthetic_data(num_images=5)  # 10 captions
     data.features = data.features.half()  # stored like the real cache
@@ -574,7 +575,7 @@ def test_cached_views_cycle_through_every_caption_and_view(monkeypatch):
         assert torch.equal(e, (data.features[row] + 100 * view).float())
         assert c == data.captions[cap] and i == data.image_ids[cap]
     # the text encoder is tested elsewhere; here only the row order matters: caption i -> [i]
-    monkeypatch.setattr("minblip2.baselines.pooled_text_features",
+    monkeypatch.setattr("minblip2.tools.baselines.pooled_text_features",
                         lambda bert, tok, caps: torch.arange(len(caps)).float().unsqueeze(1))
     image_x, text_x = probe_training_pairs(data, None, None)
     assert image_x.shape[0] == text_x.shape[0] == 3 * n

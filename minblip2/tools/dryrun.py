@@ -5,7 +5,7 @@ report what would train, what stays frozen, and an ESTIMATE of the GPU memory on
     python -m minblip2.train --stage 2 --preset gpu24 --dry_run --stage2.batch_size=8 --llm.name=google/flan-t5-xl \\
         --llm.dtype=bfloat16 --stage2.amp=bf16
 
-    from minblip2.dryrun import dry_run, format_report
+    from minblip2.tools.dryrun import dry_run, format_report
     print(format_report(dry_run(get_preset("paper"), stage=2, batch_sizes=(1, 64))))
 
 Parameter counts are exact: the real classes are built, only their tensors have no storage. The memory
@@ -21,8 +21,9 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from .backbones import build_llm_from_config, count_params, load_image_encoder, smollm2_source
-from .config import Config, LLMConfig, check_llm_precision
+from ..backbones import build_llm_from_config, count_params, load_image_encoder
+from ..offline_weights import smollm2_source
+from ..config import Config, LLMConfig, check_llm_precision
 
 # The published config.json of the paper's LLMs (architecture fields only), so a dry run needs no hub. (transformers 5
 # ties T5's lm_head to its embeddings whatever tie_word_embeddings says, so FlanT5's count lacks V*d_model of it.)
@@ -70,8 +71,8 @@ def llm_config(lcfg: LLMConfig):
 
 def build_on_meta(cfg: Config, stage: int) -> dict:
     """{"image_encoder", "model", "llm" (stage 2)} built on the meta device: real classes, no storage."""
-    from .stage1 import Stage1Model
-    from .stage2 import Stage2Model
+    from ..stage1 import Stage1Model
+    from ..stage2 import Stage2Model
 
     vision = dataclasses.replace(cfg.vision, weights="random")  # the architecture, never the weights
     hf_config = llm_config(cfg.llm) if stage == 2 else None  # may read a local file: outside the meta context
@@ -184,16 +185,18 @@ def estimate_memory(cfg: Config, stage: int, built: dict, b: int, device_type: s
         nbytes = enc.model.patch_embed.proj.weight.element_size()
         parts["act: image encoder (no_grad)"] = b * N * (2 * Dv + f_v) * nbytes
 
-    # Q-Former passes as (sequences, tokens, with queries?). Stage 1: ITC (queries + text), ITM (3b: positives
-    # and both kinds of negatives), ITG (text only when it reuses the queries' keys/values). Stage 2: queries only.
+    # Q-Former passes as (sequences, tokens, with queries?). Stage 1: ITC (queries + text: one pass with
+    # fast_passes, else two), ITM (3b: positives and both kinds of negatives), ITG (text only with fast_passes: it
+    # reuses the queries' keys/values). Stage 2: queries only.
     T = cfg.data.max_text_len
     losses = set(cfg.stage1.losses) if stage == 1 else set()
     if stage == 1:
-        passes = [(b, Q + T, True)]
+        fast = cfg.stage1.fast_passes
+        passes = [(b, Q + T, True)] if fast else [(b, Q, True), (b, T, False)]
         if "itm" in losses:
             passes.append((3 * b, Q + T, True))
         if "itg" in losses:
-            passes.append((b, T, False) if cfg.stage1.itg_reuse_queries else (b, Q + T, True))
+            passes.append((b, T, False) if fast else (b, Q + T, True))
     else:
         passes = [(b, Q, True)]
 
@@ -211,7 +214,7 @@ def estimate_memory(cfg: Config, stage: int, built: dict, b: int, device_type: s
     else:
         # checkpointing: each layer keeps only its input, fp32 (a LayerNorm's output, also under autocast) ...
         kept += sum(L * 4 * s * rows * h for rows, s, _ in passes)
-        if stage == 1 and cfg.stage1.itg_reuse_queries and "itg" in losses:  # ... ITC's keys/values, for ITG
+        if stage == 1 and cfg.stage1.fast_passes and "itg" in losses:  # ... ITC's keys/values, for ITG
             kept += L * 2 * b * (Q + T) * h * p
         kept += max(layers(*ps, 1, 1) for ps in passes)  # ... and backward recomputes one layer at a time
     parts["act: Q-Former"] = kept

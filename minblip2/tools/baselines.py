@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import itc_loss
-from .stage1 import mean_over_tokens
-from .stage2 import Stage2Model
+from ..losses import itc_loss
+from ..masks import mean_over_tokens
+from ..stage2 import FrozenLLMCaptioner
 
 
 def pooled_image_features(image_embeds: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def pooled_image_features(image_embeds: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def pooled_text_features(bert, tokenizer, captions: list[str], batch_size: int = 128, max_len: int = 32):
     """Frozen BERT (MiniLM) mean-pooled over real tokens -> (N, H): how sentence-transformers pools it."""
-    from .data import tokenize
+    from ..data import tokenize
 
     bert.eval()
     out = []
@@ -39,7 +39,7 @@ def pooled_text_features(bert, tokenizer, captions: list[str], batch_size: int =
 def frozen_text_encoder(qcfg):
     """The BERT (MiniLM) the Q-Former starts from, as a plain frozen transformers BertModel, and its tokenizer."""
     from transformers import BertConfig, BertModel
-    from .backbones import load_bert
+    from ..backbones import load_bert
     state, tokenizer = load_bert(qcfg)
     bert = BertModel(BertConfig(hidden_size=qcfg.hidden_size, num_hidden_layers=qcfg.num_layers,
                                 num_attention_heads=qcfg.num_heads, intermediate_size=qcfg.intermediate_size),
@@ -78,8 +78,9 @@ class LinearProbe(nn.Module):
 def train_linear_probe(image_x, text_x, steps: int, batch_size: int, lr: float, seed: int = 0,
                        weight_decay: float = 0.05, warmup: int = 10, label_smoothing: float = 0.1):
     """image_x (Ncap, Di) (each caption's image feature), text_x (Ncap, Dt). Same recipe as stage 1."""
-    from .config import TrainConfig
-    from .train import batch_indices, lr_at
+    from ..config import TrainConfig
+    from ..tasks import batch_indices
+    from ..train import lr_at
 
     torch.manual_seed(seed)
     probe = LinearProbe(image_x.shape[1], text_x.shape[1])
@@ -114,14 +115,14 @@ def nearest_neighbour_captions(train_x, train_captions: list[list[str]], test_x)
     return out
 
 
-class LinearProjectionModel(Stage2Model):
+class LinearProjectionModel(FrozenLLMCaptioner):
     """Stage 2 without a Q-Former: LayerNorm, the patch grid average-pooled to exactly `num_queries` tokens,
     then one linear layer into the LLM. Same soft-prompt length, same LLM, same training."""
 
     def __init__(self, qcfg, llm, tokenizer, **kw):
-        super().__init__(qcfg, llm, tokenizer, **kw)
-        del self.qformer
-        self.llm_proj = nn.Linear(qcfg.vision_width, self.llm_proj.out_features)
+        super().__init__(llm, tokenizer, **kw)
+        self.ln_vision = nn.LayerNorm(qcfg.vision_width)
+        self.llm_proj = nn.Linear(qcfg.vision_width, llm.get_input_embeddings().embedding_dim)
         self.num_tokens = qcfg.num_queries
 
     def visual_prompt(self, image_embeds):

@@ -1,14 +1,14 @@
 """Caption your own images, or ask about them, with a trained run (its stage 2 and frozen LLM).
 
-    python -m minblip2.caption runs/coco-mini photo.jpg                      # the run's decoding (beam search)
-    python -m minblip2.caption runs/coco-mini photo.jpg other.png --greedy
-    python -m minblip2.caption runs/coco-mini photos/ --num_beams 5           # a folder: every image in it
-    python -m minblip2.caption runs/coco-mini photo.jpg --question "What is the dog lying on?"
-    python -m minblip2.caption runs/coco-mini photo.jpg --prompt "a painting of"
+    python -m minblip2.apps.caption runs/coco-mini photo.jpg                      # the run's decoding (beam search)
+    python -m minblip2.apps.caption runs/coco-mini photo.jpg other.png --greedy
+    python -m minblip2.apps.caption runs/coco-mini photos/ --num_beams 5           # a folder: every image in it
+    python -m minblip2.apps.caption runs/coco-mini photo.jpg --question "What is the dog lying on?"
+    python -m minblip2.apps.caption runs/coco-mini photo.jpg --prompt "a painting of"
 
 Prints one line per image: its path, a tab, the caption (or answer). A named file that is not an image stops with
 an error; files in a folder that are not images are skipped and counted. Errors are one line, exit status 2.
-The Python API behind it: minblip2.pipeline (`load(run_dir).caption(...)`).
+The Python API behind it: minblip2.apps.pipeline (`load(run_dir).caption(...)`).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import dist
-from .backbones import MissingWeightsError
-from .data import BadImageError
+from .. import runtime
+from ..offline_weights import MissingWeightsError
+from ..data import BadImageError
 from .pipeline import HubUnavailableError, RunError, open_image
 
 
@@ -93,9 +93,9 @@ def run_cli(fn, argv):
 
 
 def _caption(argv):
-    p = argparse.ArgumentParser(prog="python -m minblip2.caption", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minblip2.apps.caption", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (python -m minblip2.run / minblip2.train --stage 2)")
+    p.add_argument("run_dir", help="a run directory (python -m minblip2.tools.coco_mini / minblip2.train --stage 2)")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     ask = p.add_mutually_exclusive_group()
     ask.add_argument("--prompt", help="the text after the visual prompt (default: the one the run trained with)")
@@ -113,7 +113,7 @@ def _caption(argv):
     blip = load(args.run_dir, stages=(2,), device=args.device, batch_size=args.batch_size, amp=args.amp)
     kw = dict(num_beams=1 if args.greedy else args.num_beams, max_new_tokens=args.max_new_tokens)
     skipped = []
-    bar = dist.progress_bar(None, folders and not args.no_progress, total=len(files), desc="captions", unit="img")
+    bar = runtime.progress_bar(None, folders and not args.no_progress, total=len(files), desc="captions", unit="img")
     for i in range(0, len(files), args.batch_size):
         images, kept = open_batch(files[i:i + args.batch_size], skipped)
         if images:

@@ -1,16 +1,16 @@
 """Use a trained minblip2 from Python: caption, answer, embed and search.
 
-    from minblip2.pipeline import load
+    from minblip2.apps.pipeline import load
     blip = load("runs/coco-mini")                # a run directory: its config.json and latest checkpoints
     blip.caption("photo.jpg")                    # -> 'a dog lying on a couch'
     blip.answer("photo.jpg", "What is the dog lying on?")
     blip.search("a dog on a couch", ["a.jpg", "b.jpg", "c.jpg"], k=2)   # -> [Hit(index, score, itc, itm), ...]
 
-A run directory is what `python -m minblip2.run` writes (stage1/ and stage2/ inside) or `python -m minblip2.train
+A run directory is what `python -m minblip2.tools.coco_mini` writes (stage1/ and stage2/ inside) or `python -m minblip2.train
 --stage N --out_dir=DIR` writes (DIR/stageN/); a stage directory or one ckpt-* directory works too. Stage 2 (with
 its frozen LLM) captions and answers; stage 1 embeds and searches. Images are paths or PIL images; one image (or
 text) in gives one result out, a list gives a list. `from_pretrained_blip2(name)` builds the same object from the
-released BLIP-2 weights (convert.py). The command lines are `python -m minblip2.caption` and `minblip2.search`.
+released BLIP-2 weights (convert.py). The command lines are `python -m minblip2.apps.caption` and `minblip2.apps.search`.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import dist
-from .backbones import freeze, load_image_encoder
-from .config import Config, QFormerConfig
-from .data import BadImageError, eval_transform, load_image, tokenize
-from .losses import itc_similarities
-from .stage2 import vqa_prompt
+from .. import runtime
+from ..backbones import freeze, load_image_encoder
+from ..config import Config, QFormerConfig
+from ..data import BadImageError, eval_transform, load_image, tokenize
+from ..losses import itc_similarities
+from ..stage2 import vqa_prompt
 
 Hit = namedtuple("Hit", "index score itc itm")  # a search result: images[index]; itm = P(match) or None (no re-rank)
 
@@ -90,7 +90,7 @@ class Blip2:
         return getattr(self, part)
 
     def _batches(self, items: list, progress: bool, desc: str):
-        bar = dist.progress_bar(None, progress, total=len(items), desc=desc, unit="img", leave=False)
+        bar = runtime.progress_bar(None, progress, total=len(items), desc=desc, unit="img", leave=False)
         for i in range(0, len(items), self.batch_size):
             yield i, items[i:i + self.batch_size]
             bar.update(len(items[i:i + self.batch_size]))
@@ -102,7 +102,7 @@ class Blip2:
         encoder = self.encoders[part]
         transform = eval_transform(encoder.img_size, encoder.mean, encoder.std)
         pixels = torch.stack([transform(open_image(x)) for x in images]).to(self.device)
-        with dist.autocast(self.amp, self.device):
+        with runtime.autocast(self.amp, self.device):
             return encoder(pixels).float()
 
     @torch.no_grad()
@@ -120,7 +120,7 @@ class Blip2:
         out = []
         for i, chunk in self._batches(items, progress, "captions"):
             p = prompt if prompt is None or isinstance(prompt, str) else prompt[i:i + len(chunk)]
-            with dist.autocast(self.amp, self.device):
+            with runtime.autocast(self.amp, self.device):
                 out += model.generate(self.image_tokens(chunk, "captioner"), prompt=p, **kw)
         return out[0] if single else out
 
@@ -145,7 +145,7 @@ class Blip2:
         items, _ = _as_list(images)
         out = []
         for _, chunk in self._batches(items, progress, "image embeddings"):
-            with dist.autocast(self.amp, self.device):
+            with runtime.autocast(self.amp, self.device):
                 out.append(model.encode_image(self.image_tokens(chunk, "retriever"))[0].float().cpu())
         return torch.cat(out)
 
@@ -157,7 +157,7 @@ class Blip2:
         out = []
         for _, chunk in self._batches(items, False, "text embeddings"):
             tok = tokenize(self.tokenizer, chunk, self.max_text_len)
-            with dist.autocast(self.amp, self.device):
+            with runtime.autocast(self.amp, self.device):
                 out.append(model.encode_text(tok["input_ids"].to(self.device),
                                              tok["attention_mask"].to(self.device)).float().cpu())
         return torch.cat(out)
@@ -185,7 +185,7 @@ class Blip2:
             cand = sims.topk(min(max(rerank, k), len(sims))).indices
             tok = tokenize(self.tokenizer, [query], self.max_text_len)
             n = len(cand)
-            with dist.autocast(self.amp, self.device):
+            with runtime.autocast(self.amp, self.device):
                 logits = model.itm_logits(self.image_tokens([images[i] for i in cand.tolist()], "retriever"),
                                           tok["input_ids"].to(self.device).expand(n, -1),
                                           tok["attention_mask"].to(self.device).expand(n, -1))
@@ -214,11 +214,11 @@ def _stage_of(ckpt: Path) -> int:
 
 def find_checkpoints(run_dir) -> dict[int, Path]:
     """{stage: its latest checkpoint} in a main-job directory (stage1/, stage2/), a stage directory or a ckpt-*."""
-    from .train import latest_checkpoint
+    from ..checkpoint import latest_checkpoint
 
     run = Path(run_dir)
     if not run.is_dir():
-        raise RunError(f"{run} is not a directory: give a run directory written by python -m minblip2.run "
+        raise RunError(f"{run} is not a directory: give a run directory written by python -m minblip2.tools.coco_mini "
                        f"or python -m minblip2.train")
     found = {}
     for d in (run / "stage1", run / "stage2", run):
@@ -227,7 +227,7 @@ def find_checkpoints(run_dir) -> dict[int, Path]:
             found.setdefault(_stage_of(ckpt), ckpt)
     if not found:
         raise RunError(f"no checkpoint in {run}: expected stage1/ or stage2/ with checkpoints/latest (python -m "
-                       f"minblip2.run, or python -m minblip2.train --stage N --out_dir={run}), or checkpoints/latest")
+                       f"minblip2.tools.coco_mini, or python -m minblip2.train --stage N --out_dir={run}), or checkpoints/latest")
     return found
 
 
@@ -243,8 +243,8 @@ def read_config(ckpt: Path) -> Config:
 
 def _load_stage(ckpt: Path, stage: int, device):
     """(encoder, model, tokenizer, cfg) of one checkpoint: built from its config.json, its weights loaded."""
-    from .tasks import build_stage1_model, build_stage2_model
-    from .train import load_trainable_state
+    from ..tasks import build_stage1_model, build_stage2_model
+    from ..checkpoint import load_trainable_state
 
     cfg = read_config(ckpt)
     with torch.random.fork_rng(devices=[]):
@@ -291,8 +291,8 @@ def load(run_dir, stages=None, device: str = "auto", batch_size: int = 16, amp: 
             blip.fingerprint = f"{found[1].resolve()}|{st.st_size}|{st.st_mtime_ns}"
         else:
             blip.captioner, blip.encoders["captioner"] = model, encoder
-            blip.generation = {"num_beams": cfg.stage2.num_beams, "max_new_tokens": cfg.stage2.max_new_tokens,
-                               "no_repeat_ngram_size": cfg.stage2.no_repeat_ngram_size}
+            blip.generation = {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens,
+                               "no_repeat_ngram_size": cfg.eval.no_repeat_ngram_size}
     return blip
 
 
@@ -321,10 +321,10 @@ def from_pretrained_blip2(name: str = "Salesforce/blip2-opt-2.7b", device: str =
     caption, answer). `name` is a hub id (internet once, then the hub's cache) or a folder saved by transformers."""
     import transformers
 
-    from .backbones import _dtype_kw
-    from .convert import load_hf_blip2_generation, load_hf_retrieval
-    from .stage1 import Stage1Model
-    from .stage2 import Stage2Model
+    from ..backbones import _dtype_kw
+    from ..tools.convert import load_hf_blip2_generation, load_hf_retrieval
+    from ..stage1 import Stage1Model
+    from ..stage2 import Stage2Model
 
     try:
         hf_cfg = transformers.Blip2Config.from_pretrained(name)

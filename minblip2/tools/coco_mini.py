@@ -1,7 +1,7 @@
 """The main job: stage 1 -> stage 2 -> evaluation on coco-mini, with the baselines, in one command.
 
-    python -m minblip2.run                       # offline defaults (preset "cpu"), ~30 min on 2 cores
-    python -m minblip2.run --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
+    python -m minblip2.tools.coco_mini                       # offline defaults (preset "cpu"), ~30 min on 2 cores
+    python -m minblip2.tools.coco_mini --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
 
 Writes to <out_dir>: stage1/ stage1_no_itg/ stage2/ stage2_no_stage1/ stage2_linear_projection/ (each with
 checkpoints, log.csv, losses.png), metrics.json, captions.png, retrieval.png; and copies the metrics to
@@ -19,18 +19,18 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .backbones import load_image_encoder
+from .. import dist, runtime
+from ..backbones import load_image_encoder
 from .baselines import (LinearProjectionModel, frozen_text_encoder, nearest_neighbour_captions, pooled_image_features,
                         pooled_text_features, probe_training_pairs, train_linear_probe)
-from .caption_eval import caption_metrics
-from .config import REPO_ROOT, Config, config_from_command_line
-from .data import load_coco, tokenize
-from .features import cached_features
+from ..caption_eval import caption_metrics
+from ..config import REPO_ROOT, Config, config_from_command_line
+from ..data import load_coco, tokenize
+from ..features import cached_features
 from .plots import caption_grid, retrieval_examples
-from .retrieval import recall_at_k, retrieval_scores
-from .tasks import ImageTextData, StageTask, build_stage1_model, build_stage2_model
-from .train import seed_everything, train
+from ..retrieval import recall_at_k, retrieval_scores
+from ..tasks import ImageTextData, Stage1Task, Stage2Task, build_stage1_model, build_stage2_model
+from ..train import seed_everything, train
 
 
 def variant(cfg: Config, **changes) -> Config:
@@ -83,8 +83,8 @@ def generate_captions(model, features, batch_size: int, num_beams: int, max_new_
                       no_repeat_ngram_size: int = 0):
     model.eval()
     out = []
-    for i in dist.progress_bar(range(0, len(features), batch_size), desc="captions", leave=False):
-        with dist.autocast(amp, device):
+    for i in runtime.progress_bar(range(0, len(features), batch_size), desc="captions", leave=False):
+        with runtime.autocast(amp, device):
             out += model.generate(features[i:i + batch_size].to(device).float(), num_beams=num_beams,
                                   max_new_tokens=max_new_tokens, no_repeat_ngram_size=no_repeat_ngram_size)
     return out
@@ -114,8 +114,7 @@ def main(argv=None):
                          ("qformer_no_itg", "stage1_no_itg", variant(cfg, stage1__losses=("itc", "itm")))]:
         seed_everything(c.stage1.seed)  # each model's initial weights depend on the config's seed alone
         model, tokenizer = build_stage1_model(c)
-        task = StageTask(model, train_data, tokenizer, c.data.max_text_len,
-                         has_unused_parameters=name != "qformer", stage=1)
+        task = Stage1Task(model, train_data, tokenizer=tokenizer, max_text_len=c.data.max_text_len)
         train(c, 1, task=task, run_dir=out / sub)
         s1[name] = model
         tick(f"train_{name}", t0)
@@ -123,7 +122,7 @@ def main(argv=None):
 
     test = TestSplit(cfg, tokenizer, device)
     results = {"stage1": {}, "stage2": {}}
-    k, amp = cfg.stage1.itm_rerank_k, cfg.stage1.amp
+    k, amp = cfg.eval.itm_rerank_k, cfg.stage1.amp
     results["stage1"]["qformer"], results["stage1"]["qformer_itc_only"], t2i = stage1_retrieval(
         s1["qformer"], test, k, device, amp)
     results["stage1"]["qformer_no_itg"], _, _ = stage1_retrieval(s1["qformer_no_itg"], test, k, device, amp)
@@ -143,16 +142,16 @@ def main(argv=None):
         t0 = time.time()
         seed_everything(c.stage2.seed)  # each model's initial weights depend on the config's seed alone
         if name == "linear_projection":
-            from .backbones import load_llm
+            from ..backbones import load_llm
             llm, tok = load_llm(c.llm)
             model = LinearProjectionModel(c.qformer, llm, tok, prompt=c.llm.prompt, max_text_len=c.data.max_text_len)
         else:
             model = build_stage2_model(c, stage1_dir=out / "stage1")
-        train(c, 2, task=StageTask(model, train_data, stage=2), run_dir=out / sub)
+        train(c, 2, task=Stage2Task(model, train_data), run_dir=out / sub)
         tick(f"train_{name}", t0)
         t0 = time.time()
-        preds = generate_captions(model, test.features, 16, c.stage2.num_beams, c.stage2.max_new_tokens,
-                                  device, c.stage2.amp, c.stage2.no_repeat_ngram_size)
+        preds = generate_captions(model, test.features, 16, c.eval.num_beams, c.eval.max_new_tokens,
+                                  device, c.stage2.amp, c.eval.no_repeat_ngram_size)
         s2[name] = preds
         results["stage2"][name] = caption_metrics(dict(zip(test.image_ids, preds)),
                                                   dict(zip(test.image_ids, test.captions)))
@@ -192,7 +191,7 @@ def _captions_per_image(data: ImageTextData) -> list[list[str]]:
 
 def _save(out: Path, results, cfg: Config, timings, final: bool = False):
     doc = {**results, "complete": final, "timings_s": timings,
-           "command": "python -m minblip2.run", "config": cfg.to_dict()}
+           "command": "python -m minblip2.tools.coco_mini", "config": cfg.to_dict()}
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out / "metrics.json")

@@ -1,14 +1,14 @@
 """Search a folder of images by text with a trained run (its stage-1 Q-Former).
 
-    python -m minblip2.search runs/coco-mini --images ~/photos "a dog on a couch"
-    python -m minblip2.search runs/coco-mini --images ~/photos "a dog on a couch" "a red bus" -k 10 --rerank 20
+    python -m minblip2.apps.search runs/coco-mini --images ~/photos "a dog on a couch"
+    python -m minblip2.apps.search runs/coco-mini --images ~/photos "a dog on a couch" "a red bus" -k 10 --rerank 20
 
 Prints, for each query, the k best images with their scores: ITC (cosine similarity, max over the image's
 queries), or with --rerank N the ITC top N re-scored by the ITM head (score = P(match) + ITC). The folder's image
 embeddings are cached (default: <run_dir>/search_cache/), keyed by each file's path, size and modification time,
 so a second search encodes nothing and a changed folder re-encodes only the new or changed files; a new
 checkpoint starts the cache afresh. Files that are not images are skipped and counted. Errors are one line,
-exit status 2. The Python API behind it: minblip2.pipeline (`load(run_dir).search(...)`).
+exit status 2. The Python API behind it: minblip2.apps.pipeline (`load(run_dir).search(...)`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist
+from .. import runtime
 from .caption import InputError, add_common_args, folder_files, open_batch, report_skipped, run_cli
 
 CACHE_VERSION = 1
@@ -85,7 +85,7 @@ def index_folder(blip, folder, cache: Path | None = None, progress: bool = True)
         else:
             entries[rel] = (st.st_size, st.st_mtime_ns, None)
             todo.append(f)
-    bar = dist.progress_bar(None, progress and bool(todo), total=len(todo), desc="encoding images", unit="img")
+    bar = runtime.progress_bar(None, progress and bool(todo), total=len(todo), desc="encoding images", unit="img")
     encoded = 0
     for i in range(0, len(todo), blip.batch_size):
         bad = []
@@ -106,9 +106,9 @@ def index_folder(blip, folder, cache: Path | None = None, progress: bool = True)
 
 
 def _search(argv):
-    p = argparse.ArgumentParser(prog="python -m minblip2.search", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minblip2.apps.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory with a stage-1 checkpoint (python -m minblip2.run / train)")
+    p.add_argument("run_dir", help="a run directory with a stage-1 checkpoint (python -m minblip2.tools.coco_mini / train)")
     p.add_argument("queries", nargs="+", help="what to look for, one or more texts")
     p.add_argument("--images", required=True, help="the folder of images to search (sub-folders included)")
     p.add_argument("-k", type=int, default=5, help="results per query (default 5)")
