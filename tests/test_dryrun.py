@@ -38,6 +38,7 @@ def test_paper_stage2_with_opt27b_trains_the_papers_107M(paper2):
     assert bridge["frozen"] == 0 and bridge["trainable"] == paper2["trainable"]
     assert paper2["modules"]["model"].llm_proj.out_features == 2560  # OPT-2.7B's width
     assert llm["dtype"] == "float16" and enc["dtype"] == "float16"
+    assert bridge["dtype"] == "float32"  # the trained part stays fp32 (only its output is cast for the LLM)
 
 
 def test_nothing_is_allocated(paper1, paper2):

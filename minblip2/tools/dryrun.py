@@ -277,9 +277,10 @@ def dry_run(cfg: Config, stage: int, batch_sizes=(1, 8, 32)) -> dict:
     built = build_on_meta(cfg, stage)
     enc, model = built["image_encoder"], built["model"]
 
-    def row(name, module, counts=None):
+    def row(name, module, counts=None, trainable_only=False):
         counts = counts or count_params(module)
-        return {"name": name, **counts, "dtype": str(next(module.parameters()).dtype).removeprefix("torch.")}
+        params = (p for p in module.parameters() if p.requires_grad or not trainable_only)
+        return {"name": name, **counts, "dtype": str(next(params).dtype).removeprefix("torch.")}
 
     components = [row(f"image encoder {cfg.vision.name}", enc)]
     if stage == 1:
@@ -288,7 +289,7 @@ def dry_run(cfg: Config, stage: int, batch_sizes=(1, 8, 32)) -> dict:
         llm = count_params(built["llm"])
         whole = count_params(model)
         components.append(row("ln_vision + Q-Former queries + llm_proj", model,
-                              {k: whole[k] - llm[k] for k in whole}))
+                              {k: whole[k] - llm[k] for k in whole}, trainable_only=True))
         components.append(row(f"LLM {cfg.llm.name}", built["llm"], llm))
 
     sizes = sorted(set(batch_sizes) | {t.batch_size})
