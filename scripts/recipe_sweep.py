@@ -180,6 +180,19 @@ def baselines(seed: int = 1337, n_train: int = 0) -> dict:
             "linear_probe": linear_probe_retrieval(cfg, data, val), "n_train": n_train or len(caps)}
 
 
+def rerank_on_val(run: str = "main") -> dict:
+    """The ITM re-rank depth on val for a stage-1 run ("main" = the main job's): k = 0 (ITC only), 4, 8, 16, 32."""
+    cfg, device = config.cpu(), torch.device("cpu")
+    model, tok = build_stage1_model(cfg)
+    load_trainable_state(model, load_file(str(latest_checkpoint((MAIN_STAGE1 if run == "main" else RUNS / "stage1" / run)
+                                                                / "checkpoints") / "model.safetensors")))
+    val = TestSplit(cfg, tok, device, split="val")
+    res = {}
+    for k in (0, 4, 8, 16, 32):
+        res[f"k{k}"], _, _ = stage1_retrieval(model, val, k, device, cfg.stage1.amp)
+    return res
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("names", nargs="+")
@@ -188,7 +201,9 @@ def main():
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):
             key = f"{name}/s{seed}"
-            if name.startswith("baselines"):  # baselines, baselines_n60, ...
+            if name.startswith("rerank_"):  # rerank_main: the ITM re-rank depth, on val
+                res = rerank_on_val(name.removeprefix("rerank_"))
+            elif name.startswith("baselines"):  # baselines, baselines_n60, ...
                 res = baselines(seed, int(name.partition("_n")[2] or 0))
             else:
                 res = run(name, seed)

@@ -5,7 +5,9 @@ import sys
 path = sys.argv[1] if len(sys.argv) > 1 else "results/coco-mini.json"
 d = json.load(open(path))
 k = d["config"].get("eval", d["config"]["stage1"])["itm_rerank_k"]
-names1 = {"qformer": f"Q-Former (ITC+ITM+ITG), ITM re-ranks the ITC top {k}", "qformer_itc_only": "same model, ranked by ITC only",
+head = f"ITM re-ranks the ITC top {k}" if k else "ranked by ITC"
+names1 = {"qformer": f"Q-Former (ITC+ITM+ITG), {head}", "qformer_itc_only": "same model, ranked by ITC only",
+          "qformer_itm_rerank16": "same model, ITM re-ranks the ITC top 16",
           "qformer_no_itg": "Q-Former trained without ITG", "linear_probe": "linear probe (frozen pooled features)"}
 keys1 = ["TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10"]
 print("| stage 1: retrieval, coco-mini test (192 images, 960 captions) | " + " | ".join(keys1) + " |")
