@@ -4,10 +4,10 @@ from __future__ import annotations
 import csv
 import textwrap
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; notebooks display the returned figure themselves
-import matplotlib.pyplot as plt  # noqa: E402
+# matplotlib's object-oriented Figure, not pyplot: no global backend or figure state is touched, so importing this
+# (train() does) changes nothing in a notebook, and a headless machine needs no display. Notebooks show the
+# returned Figure like any other.
+from matplotlib.figure import Figure
 
 
 def plot_losses(log_csv, out_png=None, title: str = "", smooth: int = 10):
@@ -15,7 +15,8 @@ def plot_losses(log_csv, out_png=None, title: str = "", smooth: int = 10):
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
     keys = [k for k in rows[0] if k.startswith("loss")]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     steps = [float(r["step"]) for r in rows]
     for k in keys:
         ys = [float(r[k]) for r in rows if r.get(k) not in (None, "")]
@@ -31,7 +32,6 @@ def plot_losses(log_csv, out_png=None, title: str = "", smooth: int = 10):
     fig.tight_layout()
     if out_png:
         fig.savefig(out_png, dpi=100)
-        plt.close(fig)
     return fig
 
 
@@ -42,7 +42,8 @@ def caption_grid(image_paths, generated, references=None, out_png=None, cols: in
 
     n = len(image_paths)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.5), squeeze=False)
+    fig = Figure(figsize=(cols * 2.6, rows * 3.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, path in enumerate(image_paths):
@@ -55,7 +56,6 @@ def caption_grid(image_paths, generated, references=None, out_png=None, cols: in
     fig.tight_layout()
     if out_png:
         fig.savefig(out_png, dpi=90)
-        plt.close(fig)
     return fig
 
 
@@ -63,7 +63,8 @@ def retrieval_examples(queries, ranked_paths, correct, out_png=None, k: int = 5,
     """Text -> image search results: one row per query caption, its top-k images, the right one framed green."""
     from PIL import Image
 
-    fig, axes = plt.subplots(len(queries), k, figsize=(k * 1.8, len(queries) * 2.0), squeeze=False)
+    fig = Figure(figsize=(k * 1.8, len(queries) * 2.0))
+    axes = fig.subplots(len(queries), k, squeeze=False)
     for r, q in enumerate(queries):
         for c in range(k):
             ax = axes[r, c]
@@ -78,5 +79,4 @@ def retrieval_examples(queries, ranked_paths, correct, out_png=None, k: int = 5,
     fig.tight_layout()
     if out_png:
         fig.savefig(out_png, dpi=90)
-        plt.close(fig)
     return fig
