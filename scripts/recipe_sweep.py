@@ -39,7 +39,8 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
 #   itg_weight=W        stage 1's loss = itc + itm + W * itg
 #   query_ffn_fresh     re-initialise the query FFNs (BERT init) and train them at the fresh weights' lr
 #   n_train=N           train (both stages, the probe and nearest neighbour) on N of the 480 training images
-TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train")
+#   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
+TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train", "stage1_only")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -62,6 +63,7 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "preset900_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
     **{f"random_360_{n}": ("random", 0, ["--stage2.max_steps=360", f"n_train={n[1:]}"])
        for n in ("n60", "n120", "n240")},
+    **{f"{n}_s1": (n, 300, ["stage1_only"]) for n in ("n60", "n120", "n240")},  # retrieval's data-scaling curve
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -140,6 +142,8 @@ def run(name: str, seed: int) -> dict:
         k = c1.eval.itm_rerank_k
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
         res["query_cos"] = query_cos(s1_model, val.features[:64])
+    if s2_tw.get("stage1_only"):
+        return res
     seed_everything(seed + 1)
     cfg.stage2.from_stage1 = s1 not in ("random", "bert")
     model = build_stage2_model(cfg, stage1_dir=s1_dir if cfg.stage2.from_stage1 else None)
