@@ -197,11 +197,52 @@ def rerank_on_val(run: str = "main") -> dict:
     return res
 
 
+def _r1(r) -> str:
+    return f"{r['TR@1']:.1f} / {r['IR@1']:.1f}" if r else ""
+
+
+def table() -> str:
+    """The README's tables, from results/recipe-sweep.json: stage-2 CIDEr per variant (mean and spread over the
+    seeds run), the stage-1 runs' val retrieval (ITC), and the data-scaling curve."""
+    d = json.loads(OUT.read_text())
+    runs = {}
+    for key, r in d.items():
+        name, _, seed = key.rpartition("/s")
+        runs.setdefault(name, {})[int(seed)] = r
+    out = ["| variant (val, 360 stage-2 steps) | stage 1 | stage 2 | CIDEr per seed | CIDEr mean | BLEU-4 mean | "
+           "stage-1 query cosine | stage-1 TR@1 / IR@1 (ITC) |", "|---|---|---|---|---:|---:|---:|---|"]
+    for name, seeds in runs.items():
+        r0 = next(iter(seeds.values()))
+        if "val_captions" not in r0:
+            continue
+        cider = [seeds[s]["val_captions"]["CIDEr"] for s in sorted(seeds)]
+        bleu = [seeds[s]["val_captions"]["BLEU_4"] for s in sorted(seeds)]
+        ret = r0.get("retrieval_itc")
+        s1 = r0["stage1"] + (f" {' '.join(S1.get(r0['stage1'], []))}" if S1.get(r0["stage1"]) else "")
+        s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
+        out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f}' for c in cider)} | {sum(cider) / len(cider):.1f} | "
+                   f"{sum(bleu) / len(bleu):.1f} | {r0.get('query_cos', '')} | {_r1(ret)} |")
+    out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr |",
+            "|---:|---|---|---:|"]
+    for n in (60, 120, 240, 480):
+        b = runs.get(f"baselines_n{n}" if n < 480 else "baselines", {}).get(1337)
+        q = runs.get(f"n{n}_s1", {}).get(1337, {}).get("retrieval_itc") if n < 480 else \
+            runs.get("rerank_main", {}).get(1337, {}).get("k0")
+        if b:
+            lp = b["linear_probe"]
+            out.append(f"| {n} | {_r1(lp)} | {_r1(q) or 'not measured'} | {b['nearest_neighbour']['CIDEr']:.1f} |")
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("names", nargs="+")
+    p.add_argument("names", nargs="*")
     p.add_argument("--seeds", default="1337")
+    p.add_argument("--table", action="store_true", help="print the README's tables from results/recipe-sweep.json")
     a = p.parse_args()
+    if a.table:
+        print(table())
+        return
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):
             key = f"{name}/s{seed}"
