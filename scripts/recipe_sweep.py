@@ -220,7 +220,7 @@ def table() -> str:
         ret = r0.get("retrieval_itc")
         s1 = r0["stage1"] + (f" {' '.join(S1.get(r0['stage1'], []))}" if S1.get(r0["stage1"]) else "")
         s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
-        out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f}' for c in cider)} | {sum(cider) / len(cider):.1f} | "
+        out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f} (s{sd})' for c, sd in zip(cider, sorted(seeds)))} | {sum(cider) / len(cider):.1f} | "
                    f"{sum(bleu) / len(bleu):.1f} | {r0.get('query_cos', '')} | {_r1(ret)} |")
     out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr |",
             "|---:|---|---|---:|"]
