@@ -37,10 +37,10 @@ def batch_indices(step: int, n: int, global_batch: int, seed: int) -> torch.Tens
     if per_epoch == 0:
         raise ValueError(f"the global batch ({global_batch}) is larger than the dataset ({n} samples)")
     epoch, i = divmod(step, per_epoch)
-    return _permutation(n, seed + epoch)[i * global_batch:(i + 1) * global_batch]
+    return _permutation(n, seed + epoch)[i * global_batch:(i + 1) * global_batch].clone()
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _permutation(n: int, seed: int) -> torch.Tensor:  # once per epoch, not once per step (n may be 10^8)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 

@@ -51,3 +51,20 @@ def test_command_line_mistakes_print_one_line_and_exit_2(entry, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_config_written_before_the_eval_section_still_loads():
+    """Runs trained before EvalConfig existed kept the evaluation settings in the training sections (and
+    itg_reuse_queries, eval_every): Config.from_dict moves or drops them instead of refusing the run."""
+    from minblip2.config import Config
+
+    old = Config().to_dict()
+    old.pop("eval")
+    old["stage1"].update(itm_rerank_k=16, itg_reuse_queries=False, eval_every=0)
+    old["stage2"].update(num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3, eval_every=0)
+    del old["stage1"]["fast_passes"]
+    cfg = Config.from_dict(old)
+    assert (cfg.eval.itm_rerank_k, cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.no_repeat_ngram_size) == \
+        (16, 3, 20, 3)
+    assert cfg.stage1.fast_passes is False
+    assert Config.from_dict(cfg.to_dict()) == cfg  # and today's format round-trips
