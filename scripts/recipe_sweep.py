@@ -17,7 +17,7 @@ import torch
 from minblip2 import config, losses
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
-from minblip2.tools.diagnostics import query_stats
+from minblip2.tools.diagnostics import stage1_query_stats
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.tools.coco_mini import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
 from minblip2.qformer import init_bert_weights
@@ -96,12 +96,11 @@ def train_data(cfg, n_train):
 
 
 def stage1_run(s1: str, steps: int, seed: int):
-    """Train (or reuse) a stage-1 run; returns its directory, model and tokenizer."""
+    """Train (or reuse) a stage-1 run; returns its directory, model and config."""
     over, tw = split_tweaks(S1[s1])
     c = apply_overrides(config.cpu(), over)
     c.stage1.max_steps, c.stage1.seed, c.stage1.ckpt_every = steps, seed, 10**9
     run_dir = RUNS / "stage1" / f"{s1}-{steps}-s{seed}"
-    data = train_data(c, tw.get("n_train"))
     seed_everything(seed)
     model, tok = build_stage1_model(c)
     if tw.get("query_ffn_fresh"):
@@ -113,6 +112,7 @@ def stage1_run(s1: str, steps: int, seed: int):
         w, itg = tw.get("itg_weight", 1.0), losses.itg_loss
         losses.itg_loss = lambda *a, **k: w * itg(*a, **k)  # stage1.py calls losses.itg_loss at every step
         try:
+            data = train_data(c, tw.get("n_train"))
             train(c, 1, task=Stage1Task(model, data, tokenizer=tok, max_text_len=c.data.max_text_len), run_dir=run_dir)
         finally:
             losses.itg_loss = itg
@@ -131,7 +131,6 @@ def run(name: str, seed: int) -> dict:
     cfg.stage2.seed, cfg.stage2.ckpt_every = seed, 10**9
     res = {"stage1": s1, "stage1_steps": s1_steps, "stage1_recipe": S1.get(s1, []), "stage2_overrides": s2_items,
            "seed": seed}
-    data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
     seed_everything(seed)
     untrained, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, device, split="val")
@@ -141,9 +140,10 @@ def run(name: str, seed: int) -> dict:
         s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, seed)
         k = c1.eval.itm_rerank_k
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
-        res["query_cos"] = query_cos(s1_model, val.features[:64])
+        res["query_cos"] = stage1_query_stats(s1_model, val.features[:64])["query_cos"]
     if s2_tw.get("stage1_only"):
         return res
+    data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
     seed_everything(seed + 1)
     cfg.stage2.from_stage1 = s1 not in ("random", "bert")
     model = build_stage2_model(cfg, stage1_dir=s1_dir if cfg.stage2.from_stage1 else None)
@@ -160,13 +160,6 @@ def run(name: str, seed: int) -> dict:
     res["distinct"] = len(set(preds))
     res["examples"] = preds[:4]
     return res
-
-
-@torch.no_grad()
-def query_cos(model, feats) -> float:
-    """Mean cosine between one image's query outputs (1.0 = the queries collapsed to one vector)."""
-    model.eval()
-    return query_stats(model.encode_image(feats.float())[1])["query_cos"]
 
 
 def baselines(seed: int = 1337, n_train: int = 0) -> dict:

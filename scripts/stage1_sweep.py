@@ -14,7 +14,7 @@ import torch
 
 from minblip2 import config
 from minblip2.config import REPO_ROOT, apply_overrides
-from minblip2.tools.diagnostics import query_stats
+from minblip2.tools.diagnostics import stage1_query_stats
 from minblip2.tools.baselines import pooled_image_features
 from minblip2.tools.coco_mini import TestSplit, linear_probe_retrieval, stage1_retrieval
 from minblip2.tasks import ImageTextData, Stage1Task, build_stage1_model
@@ -94,7 +94,8 @@ def run(name: str, overrides: list[str]) -> dict:
     k = cfg.eval.itm_rerank_k if "itm" in cfg.stage1.losses else 0
     rerank, itc, _ = stage1_retrieval(model, test, k, device, cfg.stage1.amp)
     return {"overrides": OLD + overrides, "steps": cfg.stage1.max_steps, "train_seconds": seconds, "itc": itc,
-            "rerank": rerank, "train_loss_last10": _last10(run_dir), "query_cos": _query_cos(model, test)}
+            "rerank": rerank, "train_loss_last10": _last10(run_dir),
+            "query_cos": stage1_query_stats(model, test.features[:64])["query_cos"]}
 
 
 def run_probe(pool) -> dict:
@@ -117,14 +118,6 @@ def _tokens(feats, overrides):
         pooled = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
         return torch.cat([feats[:, :1].float(), pooled], 1).to(feats.dtype)
     return feats
-
-
-@torch.no_grad()
-def _query_cos(model, test) -> float:
-    """Mean cosine between different queries' outputs for one image (1.0 = the queries collapsed to one vector)."""
-    model.eval()
-    _, q = model.encode_image(test.features[:64].float())
-    return query_stats(q)["query_cos"]
 
 
 def _last10(run_dir) -> float:

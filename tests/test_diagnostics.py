@@ -4,7 +4,7 @@ import math
 import torch
 
 from minblip2.config import QFormerConfig
-from minblip2.tools.diagnostics import cross_attention_stats, image_use, query_stats
+from minblip2.tools.diagnostics import cross_attention_stats, image_use, query_stats, stage1_query_stats
 from minblip2.qformer import QFormer
 
 from test_stage2 import TINY
@@ -69,3 +69,14 @@ def test_image_use_pairs_each_caption_with_another_image():
     assert m.training  # the mode it found
     blind = image_use(MatchModel(torch.zeros(5, 3, 4), caps), feats, caps)  # never sees its images
     assert blind["gap"] == 0.0
+
+
+def test_stage1_query_stats_reads_the_query_outputs_without_dropout():
+    from minblip2.stage1 import Stage1Model
+
+    torch.manual_seed(0)
+    m = Stage1Model(QFormerConfig(**TINY)).train()  # dropout on: the helper must switch it off
+    x = torch.randn(3, 5, TINY["vision_width"])
+    got = stage1_query_stats(m, x)
+    assert not m.training and got == stage1_query_stats(m, x)  # eval mode: deterministic
+    assert got == query_stats(m.encode_image(x)[1])

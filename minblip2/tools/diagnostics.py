@@ -33,6 +33,13 @@ def query_stats(q: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
+def stage1_query_stats(model, image_tokens: torch.Tensor) -> dict[str, float]:
+    """query_stats of a Stage1Model's query outputs for frozen image tokens (B, N, Dv), in eval mode."""
+    model.eval()
+    return query_stats(model.encode_image(image_tokens.float())[1])
+
+
+@torch.no_grad()
 def cross_attention_stats(qformer, image_tokens: torch.Tensor) -> list[dict[str, float]]:
     """Run the Q-Former's queries on image_tokens (B, N, Dv), already through ln_vision, and return per
     cross-attention layer: mean entropy of the queries' attention over the N tokens (uniform = log N), mean
