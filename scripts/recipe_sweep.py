@@ -33,6 +33,8 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "q8": ["--qformer.num_queries=8"],
     "q32": ["--qformer.num_queries=32"],  # the paper's count
     "qffn_fresh": ["query_ffn_fresh"],  # the query path's FFNs start fresh instead of from MiniLM's FFNs
+    # the fresh cross-attention (and queries) at 3x the preset's lr, the BERT-initialised weights still at 1e-4
+    "xattn3x": ["--stage1.lr=3e-3", "--stage1.pretrained_lr_scale=0.0333"],
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
 # Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
@@ -64,6 +66,7 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     **{f"random_360_{n}": ("random", 0, ["--stage2.max_steps=360", f"n_train={n[1:]}"])
        for n in ("n60", "n120", "n240")},
     **{f"{n}_s1": (n, 300, ["stage1_only"]) for n in ("n60", "n120", "n240")},  # retrieval's data-scaling curve
+    "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "preset_s1": ("preset", 300, ["stage1_only"]),
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
