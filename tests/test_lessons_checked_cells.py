@@ -1,0 +1,34 @@
+"""nbval compares a `# NBVAL_CHECK_OUTPUT` cell's outputs with the stored ones, stderr included.
+
+A call that computes the image-feature cache prints a progress bar to stderr the first time it runs (a fresh
+machine, as in CI) and nothing once the cache exists (the machine that stored the notebook). So such a call must
+sit in a cell of its own that nbval does not check, and the checked cell after it prints what was built. This
+failed CI once (lesson 5); this test finds it without a cold cache.
+"""
+from __future__ import annotations
+
+import re
+
+import nbformat
+import pytest
+
+from minblip2.config import REPO_ROOT
+
+NOTEBOOKS = sorted(p for p in (REPO_ROOT / "lessons").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+# everything that may encode images into the cache (features.cached_features is what they all call)
+CACHE_FILLERS = re.compile(r"\b(ImageTextData\.build|TestSplit|cached_features|encode_images)\(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_checked_cells_do_not_fill_the_feature_cache(path):
+    bad = [(i, m.group(1)) for i, cell in enumerate(nbformat.read(path, as_version=4).cells)
+           if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source
+           for m in [CACHE_FILLERS.search(cell.source)] if m]
+    assert not bad, (f"{path.name}: cells {bad} are output-checked and may fill the feature cache, whose progress "
+                     "bar goes to stderr on a fresh machine: move that call into an unchecked cell before it")
+
+
+def test_the_pattern_finds_a_cache_filler():
+    assert CACHE_FILLERS.search("data = ImageTextData.build(cfg, 'train', cache=True)")
+    assert CACHE_FILLERS.search("test = TestSplit(cfg, tokenizer, device)")
+    assert not CACHE_FILLERS.search("print(tuple(test.features.shape))")
