@@ -10,6 +10,7 @@ Stage-1 runs are shared between variants (runs/recipe/stage1/<s1>-s<seed>/). Wri
 """
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -218,15 +219,29 @@ def table() -> str:
         s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
         out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f} (s{sd})' for c, sd in zip(cider, sorted(seeds)))} | {sum(cider) / len(cider):.1f} | "
                    f"{sum(bleu) / len(bleu):.1f} | {r0.get('query_cos', '')} | {_r1(ret)} |")
-    out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr |",
-            "|---:|---|---|---:|"]
+    s1_only = [(name, seeds[1337]) for name, seeds in runs.items()
+               if 1337 in seeds and seeds[1337].get("stage2_overrides") == ["stage1_only"]
+               and not re.fullmatch(r"n\d+_s1", name)]
+    if s1_only:  # stage-1 recipes scored by their retrieval alone (n60_s1 ... go to the data-scaling table)
+        out += ["", "| stage 1 only (val, 300 steps) | recipe | query cosine | TR@1 / IR@1 (ITC) | TR@5 / IR@5 (ITC) |",
+                "|---|---|---:|---|---|"]
+        for name, r in s1_only:
+            ret = r["retrieval_itc"]
+            out.append(f"| {name} | {' '.join(S1[r['stage1']]) or 'cpu preset'} | {r['query_cos']} | {_r1(ret)} | "
+                       f"{ret['TR@5']:.1f} / {ret['IR@5']:.1f} |")
+    out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr | "
+            "stage 2 from a random Q-Former, CIDEr |", "|---:|---|---|---:|---:|"]
     for n in (60, 120, 240, 480):
         b = runs.get(f"baselines_n{n}" if n < 480 else "baselines", {}).get(1337)
         q = runs.get(f"n{n}_s1", {}).get(1337, {}).get("retrieval_itc") if n < 480 else \
             runs.get("rerank_main", {}).get(1337, {}).get("k0")
+        s2 = runs.get(f"random_360_n{n}" if n < 480 else "random_360", {})
+        s2 = sorted(r["val_captions"]["CIDEr"] for r in s2.values())
+        s2 = (f"{sum(s2) / len(s2):.1f}" + (f" ({', '.join(f'{c:.1f}' for c in s2)})" if len(s2) > 1 else "")) \
+            if s2 else "not measured"
         if b:
             lp = b["linear_probe"]
-            out.append(f"| {n} | {_r1(lp)} | {_r1(q) or 'not measured'} | {b['nearest_neighbour']['CIDEr']:.1f} |")
+            out.append(f"| {n} | {_r1(lp)} | {_r1(q) or 'not measured'} | {b['nearest_neighbour']['CIDEr']:.1f} | {s2} |")
     return "\n".join(out)
 
 
