@@ -36,14 +36,16 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "qffn_fresh": ["query_ffn_fresh"],  # the query path's FFNs start fresh instead of from MiniLM's FFNs
     # the fresh cross-attention (and queries) at 3x the preset's lr, the BERT-initialised weights still at 1e-4
     "xattn3x": ["--stage1.lr=3e-3", "--stage1.pretrained_lr_scale=0.0333"],
+    "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
 # Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
 #   itg_weight=W        stage 1's loss = itc + itm + W * itg
 #   query_ffn_fresh     re-initialise the query FFNs (BERT init) and train them at the fresh weights' lr
 #   n_train=N           train (both stages, the probe and nearest neighbour) on N of the 480 training images
+#   cls_only            the Q-Former sees only the [CLS] token of each image (training and scoring; stage 1 only)
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
-TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train", "stage1_only")
+TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train", "cls_only", "stage1_only")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -67,7 +69,7 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     **{f"random_360_{n}": ("random", 0, ["--stage2.max_steps=360", f"n_train={n[1:]}"])
        for n in ("n60", "n120", "n240")},
     **{f"{n}_s1": (n, 300, ["stage1_only"]) for n in ("n60", "n120", "n240")},  # retrieval's data-scaling curve
-    "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "preset_s1": ("preset", 300, ["stage1_only"]),
+    "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "cls_s1": ("cls", 300, ["stage1_only"]), "preset_s1": ("preset", 300, ["stage1_only"]),
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -117,6 +119,8 @@ def stage1_run(s1: str, steps: int, seed: int):
         losses.itg_loss = lambda *a, **k: w * itg(*a, **k)  # stage1.py calls losses.itg_loss at every step
         try:
             data = train_data(c, tw.get("n_train"))
+            if tw.get("cls_only"):
+                data.features, data.views = data.features[:, :1], [v[:, :1] for v in data.views]
             train(c, 1, task=Stage1Task(model, data, tokenizer=tok, max_text_len=c.data.max_text_len), run_dir=run_dir)
         finally:
             losses.itg_loss = itg
@@ -143,6 +147,9 @@ def run(name: str, seed: int) -> dict:
     elif s1 not in ("random", "bert"):
         s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, seed)
         k = c1.eval.itm_rerank_k
+        if s1_tw.get("cls_only"):
+            assert s2_tw.get("stage1_only"), "cls_only is a stage-1 diagnosis: stage 2 would still see every token"
+            val.features = val.features[:, :1]
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
         res["query_cos"] = stage1_query_stats(s1_model, val.features[:64])["query_cos"]
     if s2_tw.get("stage1_only"):
