@@ -69,7 +69,8 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     **{f"random_360_{n}": ("random", 0, ["--stage2.max_steps=360", f"n_train={n[1:]}"])
        for n in ("n60", "n120", "n240")},
     **{f"{n}_s1": (n, 300, ["stage1_only"]) for n in ("n60", "n120", "n240")},  # retrieval's data-scaling curve
-    "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "cls_s1": ("cls", 300, ["stage1_only"]), "preset_s1": ("preset", 300, ["stage1_only"]),
+    "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "cls_s1": ("cls", 300, ["stage1_only"]),
+    "q8_s1": ("q8", 300, ["stage1_only"]), "preset_s1": ("preset", 300, ["stage1_only"]),
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
