@@ -44,8 +44,9 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
 #   query_ffn_fresh     re-initialise the query FFNs (BERT init) and train them at the fresh weights' lr
 #   n_train=N           train (both stages, the probe and nearest neighbour) on N of the 480 training images
 #   cls_only            the Q-Former sees only the [CLS] token of each image (training and scoring; stage 1 only)
+#   stage1_seed=S       (stage 2's list) reuse the stage-1 run of seed S, so only stage 2's seed varies
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
-TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train", "cls_only", "stage1_only")
+TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train", "cls_only", "stage1_only", "stage1_seed")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -66,6 +67,9 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     **{f"{s1}_360_lpft100": (s1, 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"])
        for s1 in ("preset", "noitm", "itg3", "q8", "q32", "qffn_fresh", "n60", "n120", "n240")},
     "preset900_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
+    # stage-2 seeds from the one 900-step stage 1 (seed 1337), as main_360's seeds are from the main job's stage 1
+    "preset900s1337_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100",
+                                                   "stage1_seed=1337"]),
     **{f"random_360_{n}": ("random", 0, ["--stage2.max_steps=360", f"n_train={n[1:]}"])
        for n in ("n60", "n120", "n240")},
     **{f"{n}_s1": (n, 300, ["stage1_only"]) for n in ("n60", "n120", "n240")},  # retrieval's data-scaling curve
@@ -146,7 +150,7 @@ def run(name: str, seed: int) -> dict:
     if s1 == "main":
         s1_dir = MAIN_STAGE1
     elif s1 not in ("random", "bert"):
-        s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, seed)
+        s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, int(s2_tw.get("stage1_seed", seed)))
         k = c1.eval.itm_rerank_k
         if s1_tw.get("cls_only"):
             assert s2_tw.get("stage1_only"), "cls_only is a stage-1 diagnosis: stage 2 would still see every token"
