@@ -231,16 +231,27 @@ def table() -> str:
         s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
         out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f} (s{sd})' for c, sd in zip(cider, sorted(seeds)))} | {sum(cider) / len(cider):.1f} | "
                    f"{sum(bleu) / len(bleu):.1f} | {r0.get('query_cos', '')} | {_r1(ret)} |")
-    s1_only = [(name, seeds[1337]) for name, seeds in runs.items()
-               if 1337 in seeds and seeds[1337].get("stage2_overrides") == ["stage1_only"]
-               and not re.fullmatch(r"n\d+_s1", name)]
-    if s1_only:  # stage-1 recipes scored by their retrieval alone (n60_s1 ... go to the data-scaling table)
-        out += ["", "| stage 1 only (val, 300 steps) | recipe | query cosine | TR@1 / IR@1 (ITC) | TR@5 / IR@5 (ITC) |",
-                "|---|---|---:|---|---|"]
-        for name, r in s1_only:
-            ret = r["retrieval_itc"]
-            out.append(f"| {name} | {' '.join(S1[r['stage1']]) or 'cpu preset'} | {r['query_cos']} | {_r1(ret)} | "
-                       f"{ret['TR@5']:.1f} / {ret['IR@5']:.1f} |")
+    s1_only = {name: dict(seeds) for name, seeds in runs.items()
+               if any(r.get("stage2_overrides") == ["stage1_only"] for r in seeds.values())
+               and not re.fullmatch(r"n\d+_s1", name)}  # n60_s1 ... go to the data-scaling table
+    for name in s1_only:  # the same stage-1 run, scored before a stage 2 (q8_360_lpft100's stage 1 is q8_s1's)
+        for seeds in runs.values():
+            for sd, r in seeds.items():
+                if (r.get("stage1"), r.get("stage1_steps")) == (name.removesuffix("_s1"), 300) and "retrieval_itc" in r \
+                        and not any(o.startswith("stage1_seed") for o in r["stage2_overrides"]):
+                    s1_only[name].setdefault(sd, r)
+    if "preset_s1" in s1_only and "rerank_main" in runs:  # the main job's stage 1 is the preset's recipe, seed 1337
+        s1_only["preset_s1"].setdefault(1337, {"retrieval_itc": runs["rerank_main"][1337]["k0"]})
+    if s1_only:  # stage-1 recipes scored by their retrieval alone
+        out += ["", "| stage 1 only (val, 300 steps) | recipe | TR@1 / IR@1 (ITC) per seed | mean TR@1 / IR@1 | "
+                "mean TR@5 / IR@5 | query cosine |", "|---|---|---|---|---|---:|"]
+        for name, seeds in s1_only.items():
+            rs = [seeds[sd]["retrieval_itc"] for sd in sorted(seeds)]
+            mean = {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+            cos = sorted({seeds[sd]["query_cos"] for sd in seeds if "query_cos" in seeds[sd]})
+            recipe = " ".join(S1[name.removesuffix("_s1")]) or "cpu preset"
+            out.append(f"| {name} | {recipe} | {', '.join(f'{_r1(r)} (s{sd})' for r, sd in zip(rs, sorted(seeds)))} | "
+                       f"{_r1(mean)} | {mean['TR@5']:.1f} / {mean['IR@5']:.1f} | {', '.join(map(str, cos))} |")
     out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr | "
             "stage 2 from a random Q-Former, CIDEr |", "|---:|---|---|---:|---:|"]
     for n in (60, 120, 240, 480):
