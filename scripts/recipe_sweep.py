@@ -227,7 +227,8 @@ def table() -> str:
         cider = [seeds[s]["val_captions"]["CIDEr"] for s in sorted(seeds)]
         bleu = [seeds[s]["val_captions"]["BLEU_4"] for s in sorted(seeds)]
         ret = r0.get("retrieval_itc")
-        s1 = r0["stage1"] + (f" {' '.join(S1.get(r0['stage1'], []))}" if S1.get(r0["stage1"]) else "")
+        s1 = r0["stage1"] + (f" {' '.join(S1.get(r0['stage1'], []))}" if S1.get(r0["stage1"]) else "") \
+            + (f", {r0['stage1_steps']} steps" if r0["stage1_steps"] not in (0, 300) else "")
         s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
         out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f} (s{sd})' for c, sd in zip(cider, sorted(seeds)))} | {sum(cider) / len(cider):.1f} | "
                    f"{sum(bleu) / len(bleu):.1f} | {r0.get('query_cos', '')} | {_r1(ret)} |")
