@@ -3,8 +3,8 @@
     import course                        # quiet warnings, small figures, torch seeded with 0
     from course import show_coco, run_check
 
-Importing it silences tqdm's "IProgress not found" warning and Hugging Face's download bars (the lessons show no
-progress bars), sets matplotlib's figure dpi to 72 (small stored notebooks) and seeds torch with 0.
+Importing it silences tqdm's "IProgress not found" warning (without ipywidgets tqdm draws a text bar, on stderr:
+only the cells that fill the feature cache show one, on a first run) and Hugging Face's download bars, sets matplotlib's figure dpi to 72 (small stored notebooks) and seeds torch with 0.
 
 COCO photos and human captions are not ours to republish, so no stored notebook may contain them. Every cell that
 shows them calls `show_coco` and carries the cell tag `coco-data`: `scripts/execute_lessons.py` runs such a cell
@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm import TqdmWarning
 
-warnings.filterwarnings("ignore", category=TqdmWarning)  # "IProgress not found": we show no progress bars
+warnings.filterwarnings("ignore", category=TqdmWarning)  # "IProgress not found": a text bar does as well
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 plt.rcParams.update({"figure.dpi": 72})
 torch.manual_seed(0)

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import re
 
-import nbformat
 import pytest
 
-from minblip2.config import REPO_ROOT
+from test_lessons_clean import NOTEBOOKS, _code_cells, ids
 
-NOTEBOOKS = sorted(p for p in (REPO_ROOT / "lessons").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
 # everything that may encode images into the cache (features.cached_features is what they all call)
 CACHE_FILLERS = re.compile(r"\b(ImageTextData\.build|TestSplit|cached_features|encode_images)\(")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_checked_cells_do_not_fill_the_feature_cache(path):
-    bad = [(i, m.group(1)) for i, cell in enumerate(nbformat.read(path, as_version=4).cells)
-           if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source
+    bad = [(i, m.group(1)) for i, cell in _code_cells(path) if "NBVAL_CHECK_OUTPUT" in cell.source
            for m in [CACHE_FILLERS.search(cell.source)] if m]
     assert not bad, (f"{path.name}: cells {bad} are output-checked and may fill the feature cache, whose progress "
                      "bar goes to stderr on a fresh machine: move that call into an unchecked cell before it")
