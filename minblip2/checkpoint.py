@@ -87,7 +87,13 @@ def load_checkpoint(path: Path, model, optimizer=None, scaler=None, task=None) -
                          f"over, or point `latest` in {path.parent} at an older ckpt-* directory") from e
     load_trainable_state(model, weights, source=f"checkpoint {path}")
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # torch's message names no file and no way out
+            raise ValueError(f"checkpoint {path} holds optimizer state for other parameter groups than this run's "
+                             f"({e}): it was written by another config (learning-rate groups, frozen parts) or an "
+                             f"older minblip2; compare {path / 'config.json'} with yours, or delete "
+                             f"{path.parent.parent} to train this run from the start") from e
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     if optimizer is not None:  # a real resume: continue the random streams too, each process its own

@@ -117,6 +117,10 @@ def test_half_written_or_foreign_checkpoints_are_never_used(tmp_path):
     cfg = tiny_config()
     model = tiny_task(cfg).model
     assert load_checkpoint(root / "ckpt-0000002", model) == 2  # the intact one loads
+    # optimizer state for other parameter groups (another config's lr groups, or older code): the file and the way out
+    with pytest.raises(ValueError, match="other parameter groups") as e:
+        load_checkpoint(root / "ckpt-0000002", model, torch.optim.AdamW(model.parameters()))
+    assert "config.json" in str(e.value) and f"delete {root.parent} to train" in str(e.value)  # the run directory
 
     # truncated weights / state: a ValueError naming the path and the way out, not a stack of safetensors
     for name in ("model.safetensors", "state.pt"):
