@@ -5,6 +5,7 @@ Q-Former, or "random") + stage 2 with some overrides, trained on the 480 trainin
 validation images (never test): caption CIDEr/BLEU-4 of the stage-2 model; retrieval R@K of the stage-1 run.
 
     .venv/bin/python scripts/recipe_sweep.py NAME [NAME ...] [--seeds 0,1]
+    .venv/bin/python scripts/recipe_sweep.py --table --plot     (README's tables; results/data-scaling.png)
 
 Stage-1 runs are shared between variants (runs/recipe/stage1/<s1>-s<seed>/). Writes results/recipe-sweep.json.
 """
@@ -19,6 +20,7 @@ from minblip2 import config, losses
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
 from minblip2.tools.diagnostics import stage1_query_stats
+from minblip2.tools.plots import data_scaling, scaling_points
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.tools.coco_mini import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
 from minblip2.qformer import init_bert_weights
@@ -253,19 +255,19 @@ def table() -> str:
             recipe = " ".join(S1[name.removesuffix("_s1")]) or "cpu preset"
             out.append(f"| {name} | {recipe} | {', '.join(f'{_r1(r)} (s{sd})' for r, sd in zip(rs, sorted(seeds)))} | "
                        f"{_r1(mean)} | {mean['TR@5']:.1f} / {mean['IR@5']:.1f} | {', '.join(map(str, cos))} |")
+    pts = scaling_points(d)  # the curve of the README's plot (results/data-scaling.png, `--plot`)
+
+    def cell(metric, method, n, fmt=lambda vs: f"{sum(vs) / len(vs):.1f}"):
+        """The mean over seeds; with several seeds, each seed's value after it."""
+        vs = pts.get(metric, {}).get(method, {}).get(n)
+        return "not measured" if not vs else fmt(vs) + (f" ({', '.join(f'{v:.1f}' for v in vs)})" if len(vs) > 1 else "")
+
     out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr | "
             "stage 2 from a random Q-Former, CIDEr |", "|---:|---|---|---:|---:|"]
     for n in (60, 120, 240, 480):
-        b = runs.get(f"baselines_n{n}" if n < 480 else "baselines", {}).get(1337)
-        q = runs.get(f"n{n}_s1", {}).get(1337, {}).get("retrieval_itc") if n < 480 else \
-            runs.get("rerank_main", {}).get(1337, {}).get("k0")
-        s2 = runs.get(f"random_360_n{n}" if n < 480 else "random_360", {})
-        s2 = sorted(r["val_captions"]["CIDEr"] for r in s2.values())
-        s2 = (f"{sum(s2) / len(s2):.1f}" + (f" ({', '.join(f'{c:.1f}' for c in s2)})" if len(s2) > 1 else "")) \
-            if s2 else "not measured"
-        if b:
-            lp = b["linear_probe"]
-            out.append(f"| {n} | {_r1(lp)} | {_r1(q) or 'not measured'} | {b['nearest_neighbour']['CIDEr']:.1f} | {s2} |")
+        r1 = [f"{cell('TR@1', m, n)} / {cell('IR@1', m, n)}" for m in ("linear probe", "Q-Former")]
+        out.append(f"| {n} | {r1[0]} | {r1[1]} | {cell('CIDEr', 'nearest-neighbour caption', n)} | "
+                   f"{cell('CIDEr', 'stage 2 from a random Q-Former', n)} |")
     return "\n".join(out)
 
 
@@ -274,9 +276,14 @@ def main():
     p.add_argument("names", nargs="*")
     p.add_argument("--seeds", default="1337")
     p.add_argument("--table", action="store_true", help="print the README's tables from results/recipe-sweep.json")
+    p.add_argument("--plot", action="store_true", help="draw the data-scaling curve into results/data-scaling.png")
     a = p.parse_args()
-    if a.table:
-        print(table())
+    if a.table or a.plot:
+        if a.table:
+            print(table())
+        if a.plot:
+            data_scaling(json.loads(OUT.read_text()), out_png=OUT.with_name("data-scaling.png"))
+            print(f"wrote {OUT.with_name('data-scaling.png').relative_to(REPO_ROOT)}")
         return
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):

@@ -80,3 +80,54 @@ def retrieval_examples(queries, ranked_paths, correct, out_png=None, k: int = 5,
     if out_png:
         fig.savefig(out_png, dpi=90)
     return fig
+
+
+def scaling_points(sweep: dict) -> dict:
+    """The data-scaling curve in results/recipe-sweep.json (scripts/recipe_sweep.py, val split), as
+    {metric: {method: {training images: [one value per seed]}}} for metric TR@1, IR@1 (retrieval) and CIDEr
+    (captions). At 480 images the Q-Former is the preset's stage 1: preset_s1's seeds and the main job's (rerank_main,
+    ranked by ITC)."""
+    pts: dict = {}
+
+    def add(metric, method, n, value):
+        pts.setdefault(metric, {}).setdefault(method, {}).setdefault(n, []).append(value)
+
+    for key, r in sweep.items():
+        name = key.rpartition("/s")[0]
+        head, _, n = name.partition("_n")
+        if head == "baselines":  # baselines (all 480 images), baselines_n60, ...
+            for m in ("TR@1", "IR@1"):
+                add(m, "linear probe", int(n or 480), r["linear_probe"][m])
+            add("CIDEr", "nearest-neighbour caption", int(n or 480), r["nearest_neighbour"]["CIDEr"])
+        elif name in ("n60_s1", "n120_s1", "n240_s1", "preset_s1") or name == "rerank_main":
+            ret = r["k0"] if name == "rerank_main" else r["retrieval_itc"]
+            for m in ("TR@1", "IR@1"):
+                add(m, "Q-Former", int(name[1:].split("_")[0]) if name[0] == "n" else 480, ret[m])
+        elif head == "random_360":  # random_360 (480 images), random_360_n60, ...
+            add("CIDEr", "stage 2 from a random Q-Former", int(n or 480), r["val_captions"]["CIDEr"])
+    return pts
+
+
+def data_scaling(sweep: dict, metrics=("TR@1", "IR@1", "CIDEr"), out_png=None):
+    """Each method's score against the number of training images: one dot per seed, the line through their means."""
+    pts = scaling_points(sweep)
+    metrics = [m for m in metrics if m in pts]
+    if not metrics:
+        raise ValueError("no data-scaling runs in this sweep: run scripts/recipe_sweep.py baselines_n60 n60_s1 "
+                         "random_360_n60 ... (and n120, n240) first")
+    fig = Figure(figsize=(3.6 * len(metrics), 3), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+        for method, by_n in pts[metric].items():
+            ns = sorted(by_n)
+            line, = ax.plot(ns, [sum(by_n[n]) / len(by_n[n]) for n in ns], "-", label=method)
+            for n in ns:
+                ax.plot([n] * len(by_n[n]), by_n[n], "o", color=line.get_color(), alpha=0.6, ms=4)
+        ax.set(xscale="log", xticks=[60, 120, 240, 480], xticklabels=["60", "120", "240", "480"],
+               xlabel="training images", ylabel=metric + (" (%)" if "@" in metric else " (x100)"),
+               title=f"{metric}, coco-mini val")
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if out_png:
+        fig.savefig(out_png, dpi=100)
+    return fig
