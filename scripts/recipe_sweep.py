@@ -76,7 +76,8 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
        for n in ("n60", "n120", "n240")},
     **{f"{n}_s1": (n, 300, ["stage1_only"]) for n in ("n60", "n120", "n240")},  # retrieval's data-scaling curve
     "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "cls_s1": ("cls", 300, ["stage1_only"]),
-    "q8_s1": ("q8", 300, ["stage1_only"]), "preset_s1": ("preset", 300, ["stage1_only"]),
+    "q8_s1": ("q8", 300, ["stage1_only"]), "q32_s1": ("q32", 300, ["stage1_only"]),
+    "preset_s1": ("preset", 300, ["stage1_only"]),
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
