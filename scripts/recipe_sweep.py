@@ -229,12 +229,15 @@ def table() -> str:
             continue
         cider = [seeds[s]["val_captions"]["CIDEr"] for s in sorted(seeds)]
         bleu = [seeds[s]["val_captions"]["BLEU_4"] for s in sorted(seeds)]
-        ret = r0.get("retrieval_itc")
         s1 = r0["stage1"] + (f" {' '.join(S1.get(r0['stage1'], []))}" if S1.get(r0["stage1"]) else "") \
             + (f", {r0['stage1_steps']} steps" if r0["stage1_steps"] not in (0, 300) else "")
         s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
+        cos = {sd: seeds[sd]["query_cos"] for sd in sorted(seeds) if "query_cos" in seeds[sd]}
+        r1 = {sd: _r1(seeds[sd]["retrieval_itc"]) for sd in sorted(seeds) if "retrieval_itc" in seeds[sd]}
+        per_seed = lambda d: ", ".join(f"{v} (s{sd})" for sd, v in d.items()) if len(set(d.values())) > 1 \
+            else next(iter(d.values()), "")  # stage-1 seeds that differ are each shown
         out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f} (s{sd})' for c, sd in zip(cider, sorted(seeds)))} | {sum(cider) / len(cider):.1f} | "
-                   f"{sum(bleu) / len(bleu):.1f} | {r0.get('query_cos', '')} | {_r1(ret)} |")
+                   f"{sum(bleu) / len(bleu):.1f} | {per_seed(cos)} | {per_seed(r1)} |")
     s1_only = {name: dict(seeds) for name, seeds in runs.items()
                if any(r.get("stage2_overrides") == ["stage1_only"] for r in seeds.values())
                and not re.fullmatch(r"n\d+_s1", name)}  # n60_s1 ... go to the data-scaling table
