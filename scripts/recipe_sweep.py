@@ -261,10 +261,11 @@ def table() -> str:
                        f"{_r1(mean)} | {mean['TR@5']:.1f} / {mean['IR@5']:.1f} | {', '.join(map(str, cos))} |")
     pts = scaling_points(d)  # the curve of the README's plot (results/data-scaling.png, `--plot`)
 
-    def cell(metric, method, n, fmt=lambda vs: f"{sum(vs) / len(vs):.1f}"):
+    def cell(metric, method, n):
         """The mean over seeds; with several seeds, each seed's value after it."""
         vs = pts.get(metric, {}).get(method, {}).get(n)
-        return "not measured" if not vs else fmt(vs) + (f" ({', '.join(f'{v:.1f}' for v in vs)})" if len(vs) > 1 else "")
+        return "not measured" if not vs else f"{sum(vs) / len(vs):.1f}" + \
+            (f" ({', '.join(f'{v:.1f}' for v in vs)})" if len(vs) > 1 else "")
 
     out += ["", "| training images | linear probe TR@1 / IR@1 | Q-Former TR@1 / IR@1 (ITC) | nearest-neighbour CIDEr | "
             "stage 2 from a random Q-Former, CIDEr |", "|---:|---|---|---:|---:|"]

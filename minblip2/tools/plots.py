@@ -99,7 +99,7 @@ def scaling_points(sweep: dict) -> dict:
             for m in ("TR@1", "IR@1"):
                 add(m, "linear probe", int(n or 480), r["linear_probe"][m])
             add("CIDEr", "nearest-neighbour caption", int(n or 480), r["nearest_neighbour"]["CIDEr"])
-        elif name in ("n60_s1", "n120_s1", "n240_s1", "preset_s1") or name == "rerank_main":
+        elif name in ("n60_s1", "n120_s1", "n240_s1", "preset_s1", "rerank_main"):
             ret = r["k0"] if name == "rerank_main" else r["retrieval_itc"]
             for m in ("TR@1", "IR@1"):
                 add(m, "Q-Former", int(name[1:].split("_")[0]) if name[0] == "n" else 480, ret[m])
