@@ -221,6 +221,13 @@ def table() -> str:
     for key, r in d.items():
         name, _, seed = key.rpartition("/s")
         runs.setdefault(name, {})[int(seed)] = r
+
+    def per_seed(by_seed: dict) -> str:
+        """{seed: value} -> the one value when the seeds agree, else each value with its seed."""
+        if len(set(by_seed.values())) > 1:
+            return ", ".join(f"{v} (s{sd})" for sd, v in by_seed.items())
+        return next(iter(by_seed.values()), "")
+
     out = ["| variant (val, 360 stage-2 steps) | stage 1 | stage 2 | CIDEr per seed | CIDEr mean | BLEU-4 mean | "
            "stage-1 query cosine | stage-1 TR@1 / IR@1 (ITC) |", "|---|---|---|---|---:|---:|---:|---|"]
     for name, seeds in runs.items():
@@ -234,8 +241,6 @@ def table() -> str:
         s2 = " ".join(o.removeprefix("--stage2.") for o in r0["stage2_overrides"] if "max_steps" not in o) or "-"
         cos = {sd: seeds[sd]["query_cos"] for sd in sorted(seeds) if "query_cos" in seeds[sd]}
         r1 = {sd: _r1(seeds[sd]["retrieval_itc"]) for sd in sorted(seeds) if "retrieval_itc" in seeds[sd]}
-        per_seed = lambda d: ", ".join(f"{v} (s{sd})" for sd, v in d.items()) if len(set(d.values())) > 1 \
-            else next(iter(d.values()), "")  # stage-1 seeds that differ are each shown
         out.append(f"| {name} | {s1} | {s2} | {', '.join(f'{c:.1f} (s{sd})' for c, sd in zip(cider, sorted(seeds)))} | {sum(cider) / len(cider):.1f} | "
                    f"{sum(bleu) / len(bleu):.1f} | {per_seed(cos)} | {per_seed(r1)} |")
     s1_only = {name: dict(seeds) for name, seeds in runs.items()
@@ -287,8 +292,9 @@ def main():
         if a.table:
             print(table())
         if a.plot:
-            data_scaling(json.loads(OUT.read_text()), out_png=OUT.with_name("data-scaling.png"))
-            print(f"wrote {OUT.with_name('data-scaling.png').relative_to(REPO_ROOT)}")
+            png = OUT.with_name("data-scaling.png")
+            data_scaling(json.loads(OUT.read_text()), out_png=png)
+            print(f"wrote {png.relative_to(REPO_ROOT)}")
         return
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):
