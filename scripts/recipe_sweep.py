@@ -19,11 +19,12 @@ import torch
 from minblip2 import config, losses
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
-from minblip2.tools.diagnostics import stage1_query_stats
-from minblip2.tools.plots import data_scaling, scaling_points
+from minblip2.tools.diagnostics import query_cos_by_layer, stage1_query_stats
+from minblip2.tools.plots import data_scaling, query_collapse, scaling_points
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.tools.coco_mini import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
 from minblip2.qformer import init_bert_weights
+from minblip2.stage1 import Stage1Model
 from minblip2.tasks import ImageTextData, Stage1Task, Stage2Task, build_stage1_model, build_stage2_model
 from minblip2.train import seed_everything, train
 from minblip2.checkpoint import latest_checkpoint, load_trainable_state
@@ -38,17 +39,25 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "qffn_fresh": ["query_ffn_fresh"],  # the query path's FFNs start fresh instead of from MiniLM's FFNs
     # the fresh cross-attention (and queries) at 3x the preset's lr, the BERT-initialised weights still at 1e-4
     "xattn3x": ["--stage1.lr=3e-3", "--stage1.pretrained_lr_scale=0.0333"],
+    # the collapse starts where the fresh cross-attention reads the patch mean: slower fresh weights
+    "lr3e4": ["--stage1.lr=3e-4", "--stage1.pretrained_lr_scale=0.333"],  # fresh 3e-4, BERT's 1e-4
+    "lr1e4": ["--stage1.lr=1e-4", "--stage1.pretrained_lr_scale=1.0"],  # the paper's one learning rate
+    # the collapse grows in the BERT-initialised self-attention: keep MiniLM's weights (almost) as they were
+    "bert001": ["--stage1.pretrained_lr_scale=0.01"], "bertfrozen": ["--stage1.pretrained_lr_scale=0.0"],
+    # the stage-1 losses end the same whether the queries collapse or not: tell stage 1 to keep them apart
+    "div1": ["query_div=1"], "div03": ["query_div=0.3"],
     "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
 # Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
 #   itg_weight=W        stage 1's loss = itc + itm + W * itg
 #   query_ffn_fresh     re-initialise the query FFNs (BERT init) and train them at the fresh weights' lr
+#   query_div=W         stage 1's loss += W * the mean cosine between two ITC query features of an image (if > 0)
 #   n_train=N           train (both stages, the probe and nearest neighbour) on N of the 480 training images
 #   cls_only            the Q-Former sees only the [CLS] token of each image (training and scoring; stage 1 only)
 #   stage1_seed=S       (stage 2's list) reuse the stage-1 run of seed S, so only stage 2's seed varies
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
-TWEAK_KEYS = ("itg_weight", "query_ffn_fresh", "n_train", "cls_only", "stage1_only", "stage1_seed")
+TWEAK_KEYS = ("itg_weight", "query_div", "query_ffn_fresh", "n_train", "cls_only", "stage1_only", "stage1_seed")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -67,7 +76,8 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
                                             "--stage2.pretrained_lr_scale=0.1"]),  # stage-2 lr per group
     "main_360_qf01": ("main", 300, ["--stage2.max_steps=360", "--stage2.pretrained_lr_scale=0.1"]),
     **{f"{s1}_360_lpft100": (s1, 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"])
-       for s1 in ("preset", "noitm", "itg3", "q8", "q32", "qffn_fresh", "n60", "n120", "n240")},
+       for s1 in ("preset", "noitm", "itg3", "q8", "q32", "qffn_fresh", "n60", "n120", "n240", "lr3e4", "lr1e4",
+                  "bert001", "bertfrozen", "div1", "div03")},
     "preset900_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
     # stage-2 seeds from the one 900-step stage 1 (seed 1337), as main_360's seeds are from the main job's stage 1
     "preset900s1337_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100",
@@ -78,6 +88,7 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "cls_s1": ("cls", 300, ["stage1_only"]),
     "q8_s1": ("q8", 300, ["stage1_only"]), "q32_s1": ("q32", 300, ["stage1_only"]),
     "preset_s1": ("preset", 300, ["stage1_only"]),
+    **{f"{s1}_s1": (s1, 300, ["stage1_only"]) for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03")},
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -109,6 +120,18 @@ def train_data(cfg, n_train):
     return subset_images(data, int(n_train)) if n_train else data
 
 
+def with_query_div(itc_loss, weight: float):
+    """itc_loss, plus weight * the mean cosine between two different queries' ITC features of one image (when
+    positive). Logged as part of loss_itc."""
+    def loss(image_feats, *args, **kwargs):
+        out, sim_i2t, sim_t2i = itc_loss(image_feats, *args, **kwargs)
+        g = image_feats @ image_feats.transpose(1, 2)  # (B, Q, Q) cosines: the features are unit vectors
+        Q = g.shape[1]
+        off_diag = (g.sum((1, 2)) - g.diagonal(dim1=1, dim2=2).sum(1)) / (Q * (Q - 1))
+        return out + weight * off_diag.mean().clamp_min(0), sim_i2t, sim_t2i
+    return loss
+
+
 def stage1_run(s1: str, steps: int, seed: int):
     """Train (or reuse) a stage-1 run; returns its directory, model and config."""
     over, tw = split_tweaks(S1[s1])
@@ -123,18 +146,46 @@ def stage1_run(s1: str, steps: int, seed: int):
                 mod.apply(init_bert_weights)
         model.pretrained_names = {n for n in model.pretrained_names if ".query_ffn." not in n}
     if latest_checkpoint(run_dir / "checkpoints") is None:
-        w, itg = tw.get("itg_weight", 1.0), losses.itg_loss
+        w, itg, itc = tw.get("itg_weight", 1.0), losses.itg_loss, losses.itc_loss
         losses.itg_loss = lambda *a, **k: w * itg(*a, **k)  # stage1.py calls losses.itg_loss at every step
+        if tw.get("query_div"):
+            losses.itc_loss = with_query_div(itc, tw["query_div"])
         try:
             data = train_data(c, tw.get("n_train"))
             if tw.get("cls_only"):
                 data.features, data.views = data.features[:, :1], [v[:, :1] for v in data.views]
             train(c, 1, task=Stage1Task(model, data, tokenizer=tok, max_text_len=c.data.max_text_len), run_dir=run_dir)
         finally:
-            losses.itg_loss = itg
+            losses.itg_loss, losses.itc_loss = itg, itc
     else:
         load_trainable_state(model, load_file(str(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")))
     return run_dir, model, c
+
+
+@torch.no_grad()
+def layer_rows(model, image_tokens):
+    """diagnostics.query_cos_by_layer of a Stage1Model on frozen image tokens (B, N, Dv)."""
+    model.eval()
+    return query_cos_by_layer(model.qformer, model.ln_vision(image_tokens.float()))
+
+
+def untrained_layers(seed: int) -> dict:
+    """query_cos_by_layer of the two untrained starts on val: a random Q-Former and the BERT-initialised one."""
+    cfg = config.cpu()
+    torch.manual_seed(seed)
+    bert, tok = build_stage1_model(cfg)
+    val = TestSplit(cfg, tok, torch.device("cpu"), split="val")
+    torch.manual_seed(seed)
+    return {"random": layer_rows(Stage1Model(cfg.qformer, cfg.stage1), val.features[:64]),
+            "bert": layer_rows(bert, val.features[:64])}
+
+
+COLLAPSE = {"random Q-Former (untrained)": ("layers_untrained/s0", "random"),  # results/query-collapse.png
+            "BERT-initialised (untrained)": ("layers_untrained/s0", "bert"),
+            "stage 1, 32 queries, seed 1 (apart)": ("q32_s1/s1", None),
+            "stage 1, 32 queries, seed 1337": ("q32_s1/s1337", None),
+            "stage 1, cpu preset, seed 2": ("preset_s1/s2", None),
+            "stage 1, lr 1e-4 everywhere": ("lr1e4_s1/s1337", None)}
 
 
 def run(name: str, seed: int) -> dict:
@@ -160,6 +211,7 @@ def run(name: str, seed: int) -> dict:
             val.features = val.features[:, :1]
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
         res["query_cos"] = stage1_query_stats(s1_model, val.features[:64])["query_cos"]
+        res["query_cos_by_layer"] = layer_rows(s1_model, val.features[:64])
     if s2_tw.get("stage1_only"):
         return res
     data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
@@ -286,21 +338,27 @@ def main():
     p.add_argument("names", nargs="*")
     p.add_argument("--seeds", default="1337")
     p.add_argument("--table", action="store_true", help="print the README's tables from results/recipe-sweep.json")
-    p.add_argument("--plot", action="store_true", help="draw the data-scaling curve into results/data-scaling.png")
+    p.add_argument("--plot", action="store_true", help="draw results/data-scaling.png and results/query-collapse.png")
     a = p.parse_args()
     if a.table or a.plot:
         if a.table:
             print(table())
         if a.plot:
             png = OUT.with_name("data-scaling.png")
-            data_scaling(json.loads(OUT.read_text()), out_png=png)
-            print(f"wrote {png.relative_to(REPO_ROOT)}")
+            d = json.loads(OUT.read_text())
+            data_scaling(d, out_png=png)
+            curves = {label: d[key][sub] if sub else d[key]["query_cos_by_layer"]
+                      for label, (key, sub) in COLLAPSE.items() if key in d}
+            query_collapse(curves, out_png=png.with_name("query-collapse.png"))
+            print(f"wrote {png.relative_to(REPO_ROOT)} and query-collapse.png")
         return
     for name in a.names:
         for seed in map(int, a.seeds.split(",")):
             key = f"{name}/s{seed}"
             if name.startswith("rerank_"):  # rerank_main: the ITM re-rank depth, on val
                 res = rerank_on_val(name.removeprefix("rerank_"))
+            elif name == "layers_untrained":  # the query cosine per sub-layer of the untrained starts
+                res = untrained_layers(seed)
             elif name.startswith("baselines"):  # baselines, baselines_n60, ...
                 res = baselines(seed, int(name.partition("_n")[2] or 0))
             else:

@@ -4,7 +4,8 @@ import math
 import torch
 
 from minblip2.config import QFormerConfig
-from minblip2.tools.diagnostics import cross_attention_stats, image_use, query_stats, stage1_query_stats
+from minblip2.tools.diagnostics import (cross_attention_stats, image_use, query_cos_by_layer, query_stats,
+                                       stage1_query_stats)
 from minblip2.qformer import QFormer
 
 from test_stage2 import TINY
@@ -46,6 +47,23 @@ def test_cross_attention_stats_uniform_and_focused():
     stats = cross_attention_stats(qf, x)
     assert stats[0]["cls_weight"] > 0.99 and stats[0]["entropy"] < 0.05
     assert qf.training  # the helper restores the mode it found
+
+
+def test_query_cos_by_layer_finds_the_sublayer_that_makes_queries_alike():
+    torch.manual_seed(0)
+    qf = QFormer(QFormerConfig(**TINY), with_text=False)
+    x = torch.randn(3, 5, TINY["vision_width"])
+    rows = query_cos_by_layer(qf, x)
+    assert [r["sublayer"] for r in rows] == ["L0.self", "L0.cross", "L0.ffn", "L1.self", "L1.ffn"]
+    assert all(r["query_cos"] < 0.5 for r in rows)  # a random Q-Former keeps its queries apart
+    with torch.no_grad():  # layer 1's self-attention adds one large vector to every query
+        qf.layers[1].self_attn.out.weight.zero_()
+        qf.layers[1].self_attn.out.bias.copy_(100 * torch.randn(TINY["hidden_size"]))
+    rows = {r["sublayer"]: r for r in query_cos_by_layer(qf, x)}
+    assert rows["L0.ffn"]["query_cos"] < 0.5  # before it: apart
+    assert rows["L1.self"]["query_cos"] > 0.99 and rows["L1.self"]["added_cos"] > 0.999
+    assert rows["L1.self"]["added"] > 10 * rows["L0.self"]["added"]
+    assert qf.training
 
 
 class MatchModel(torch.nn.Module):

@@ -1,7 +1,7 @@
 """The pictures: the data-scaling curve reads the recipe sweep's keys right, and every plot writes a PNG."""
 import pytest
 
-from minblip2.tools.plots import data_scaling, plot_losses, scaling_points
+from minblip2.tools.plots import data_scaling, plot_losses, query_collapse, scaling_points
 
 
 def _ret(tr, ir):
@@ -42,3 +42,15 @@ def test_plots_write_pngs(tmp_path):
     fig = plot_losses(tmp_path / "log.csv", tmp_path / "losses.png")
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["loss", "loss_itc"]
     assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+def test_query_collapse_plots_each_run_and_each_self_attention(tmp_path):
+    def rows(cos):  # the row shape of diagnostics.query_cos_by_layer: 2 layers, cross-attention in the first
+        names = ["L0.self", "L0.cross", "L0.ffn", "L1.self", "L1.ffn"]
+        return [{"sublayer": n, "query_cos": cos, "added": 2.0, "added_cos": 0.5} for n in names]
+
+    fig = query_collapse({"apart": rows(0.1), "collapsed": rows(1.0)}, tmp_path / "collapse.png")
+    cos_ax, add_ax = fig.axes
+    assert [list(line.get_ydata()) for line in cos_ax.get_lines()] == [[0.1] * 5, [1.0] * 5]
+    assert [len(line.get_xdata()) for line in add_ax.get_lines()] == [2, 2]  # one point per self-attention
+    assert (tmp_path / "collapse.png").stat().st_size > 0

@@ -4,6 +4,8 @@
   about the particular image (image-specific energy)?
 - `cross_attention_stats`: where do the queries look? Attention entropy per cross-attention layer, the
   largest weight, and the weight on token 0 (the ViT's [CLS], the global summary a linear probe reads).
+- `query_cos_by_layer`: WHERE do the queries become alike? Their cosine after every sub-layer, and the size
+  of what each sub-layer adds to them (a large addition shared by all queries drowns what tells them apart).
 - `image_use`: does a stage-2 model read the image? Its caption loss with each image's own tokens against
   the same captions with another image's tokens (a model that ignores the image scores them the same).
 
@@ -17,18 +19,22 @@ import torch
 import torch.nn.functional as F
 
 
+def mean_query_cos(q: torch.Tensor) -> float:
+    """(B, Q, H) -> the mean cosine between two different queries of one image (1.0 = all queries alike)."""
+    c = F.cosine_similarity(q[:, :, None].float(), q[:, None].float(), dim=-1)
+    return round(c[:, ~torch.eye(q.shape[1], dtype=torch.bool)].mean().item(), 3)
+
+
 @torch.no_grad()
 def query_stats(q: torch.Tensor) -> dict[str, float]:
     """q (B, Q, H) query outputs of B images -> mean query-query cosine within an image (1.0 = one vector
     repeated Q times), mean image-image cosine (of the per-image mean), and the share of energy that is NOT
     common to all B images (0 = every image gets the same queries)."""
     q = q.float()
-    off_q = ~torch.eye(q.shape[1], dtype=torch.bool)
-    qq = F.cosine_similarity(q[:, :, None], q[:, None], dim=-1)[:, off_q].mean()
     m = q.mean(1)
     ii = F.cosine_similarity(m[:, None], m[None], dim=-1)[~torch.eye(len(m), dtype=torch.bool)].mean()
     specific = (q - q.mean(0, keepdim=True)).pow(2).sum() / q.pow(2).sum()
-    return {"query_cos": round(qq.item(), 3), "image_cos": round(ii.item(), 3),
+    return {"query_cos": mean_query_cos(q), "image_cos": round(ii.item(), 3),
             "image_specific_energy": round(specific.item(), 3)}
 
 
@@ -66,6 +72,42 @@ def cross_attention_stats(qformer, image_tokens: torch.Tensor) -> list[dict[str,
             h.remove()
         qformer.train(was_training)
     return stats
+
+
+@torch.no_grad()
+def query_cos_by_layer(qformer, image_tokens: torch.Tensor) -> list[dict]:
+    """Run the Q-Former's queries on image_tokens (B, N, Dv), already through ln_vision, and return one row per
+    sub-layer ("L0.self", "L0.cross", "L0.ffn", ...): the mean query-query cosine after it (its residual add and
+    LayerNorm included), and `added` (the mean norm of what it adds to each query before the LayerNorm) with
+    `added_cos` (how alike those additions are across the queries; 1.0 = the same vector for every query)."""
+    rows, added = [], {}
+
+    def keep_added(name):
+        def hook(mod, args, out):
+            added[name] = {"added": round(out.norm(dim=-1).mean().item(), 2), "added_cos": mean_query_cos(out)}
+        return hook
+
+    def keep_output(name):
+        def hook(mod, args, out):
+            rows.append({"sublayer": name, "query_cos": mean_query_cos(out[0] if isinstance(out, tuple) else out), **added[name]})
+        return hook
+
+    handles = []
+    for i, layer in enumerate(qformer.layers):
+        for kind, mod in (("self", layer.self_attn), ("cross", layer.cross_attn), ("ffn", layer.query_ffn)):
+            if mod is not None:
+                last = mod.fc2 if kind == "ffn" else mod.out  # the sub-layer's output, before residual + norm
+                handles += [last.register_forward_hook(keep_added(f"L{i}.{kind}")),
+                            mod.register_forward_hook(keep_output(f"L{i}.{kind}"))]
+    was_training = qformer.training
+    qformer.eval()
+    try:
+        qformer(image_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        qformer.train(was_training)
+    return rows
 
 
 @torch.no_grad()
