@@ -111,6 +111,8 @@ class Stage1Config(TrainConfig):
     # the ITC pass (as LAVIS does). False = the paper's passes written out one by one (Stage1Model.plain_losses)
     fast_passes: bool = True
     pretrained_lr_scale: float = 1.0  # lr multiplier for the Q-Former's BERT-initialised weights (paper: 1.0)
+    # weight of losses.query_similarity (the mean cosine between an image's queries) added to the loss; paper: 0
+    query_sim_weight: float = 0.0
 
 
 @dataclass
@@ -202,7 +204,9 @@ def cpu() -> Config:
     (queries, cross-attention, heads) learn at 1e-3 while the BERT-initialised ones learn 10x slower; the
     cached image features include 6 augmented views per image (without them the Q-Former overfits 480
     images); the frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every
-    token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers.
+    token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers. One
+    loss is not the paper's: stage 1 adds the mean cosine between an image's queries (query_sim_weight=1;
+    without it the 16 queries collapse into one vector, and stage 2 from them trails a random Q-Former).
     """
     c = Config()
     c.qformer.num_queries = 16
@@ -211,7 +215,7 @@ def cpu() -> Config:
     c.data.augmented_views = 6
     c.llm.dtype = "bfloat16"
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
-                            pretrained_lr_scale=0.1, amp="bf16", ckpt_every=100)
+                            pretrained_lr_scale=0.1, amp="bf16", ckpt_every=100, query_sim_weight=1.0)
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
                             amp="bf16", ckpt_every=50)
     # ITM re-ranking lowered R@1 at every depth on val (k = 4 ... 32, scripts/recipe_sweep.py rerank_main): ITC alone
@@ -355,7 +359,7 @@ RULES = {
                      "max_new_tokens", "log_every", "ckpt_every"], POSITIVE),
     **dict.fromkeys(["query_init_std", "pad_token_id", "dec_token_id", "augmented_views", "num_workers", "min_lr",
                      "warmup_steps", "max_steps", "pretrained_frozen_steps", "weight_decay", "grad_clip", "itm_rerank_k",
-                     "pretrained_lr_scale", "no_repeat_ngram_size"], NON_NEGATIVE),
+                     "pretrained_lr_scale", "no_repeat_ngram_size", "query_sim_weight"], NON_NEGATIVE),
     **dict.fromkeys(["dropout", "label_smoothing"], ((lambda v: 0 <= v < 1), "in [0, 1)")),
     "betas": ((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
     "losses": ((lambda v: 0 < len(v) == len(set(v)) and set(v) <= {"itc", "itm", "itg"}),

@@ -1,4 +1,4 @@
-"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG.
+"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG (and one that is not the paper's: query_similarity).
 
 They work on a batch that may be split across processes: similarities are computed against the
 features of the GLOBAL batch (gathered from every process), so in-batch negatives grow with the number
@@ -47,6 +47,23 @@ def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
     return loss, sim_i2t, sim_t2i
+
+
+def query_similarity(queries: torch.Tensor) -> torch.Tensor:
+    """The mean cosine between two different query outputs of one image, averaged over the batch (0 if below 0):
+    1 when the queries say one thing Q times, about 0 when they say Q different things.
+
+    queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: a
+    small-scale fix (Stage1Config.query_sim_weight; README, "Deviations"). ITC, ITM and ITG end at the same values
+    whether the queries stay apart or collapse into one vector, and stage 2 needs them apart.
+    """
+    Q = queries.shape[1]
+    if Q < 2:
+        return queries.new_zeros(())
+    q = F.normalize(queries.float(), dim=-1)
+    g = q @ q.transpose(1, 2)  # (B, Q, Q) cosines
+    off_diagonal = (g.sum(dim=(1, 2)) - g.diagonal(dim1=1, dim2=2).sum(dim=1)) / (Q * (Q - 1))
+    return off_diagonal.mean().clamp_min(0)
 
 
 @torch.no_grad()

@@ -113,13 +113,18 @@ class Stage1Model(nn.Module):
         out, total = {}, 0.0
 
         # ITC, unimodal: the queries read the image (and never the text), the text reads only itself
-        image_feats = F.normalize(self.vision_proj(self.qformer(img)), dim=-1)  # (B, Q, E)
+        queries = self.qformer(img)  # (B, Q, H)
+        image_feats = F.normalize(self.vision_proj(queries), dim=-1)  # (B, Q, E)
         h_text = self.qformer(input_ids=input_ids, text_mask=text_mask)  # (B, T, H)
         text_feats = F.normalize(self.text_proj(self.pool_text(h_text, text_mask)), dim=-1)  # (B, E)
         loss_itc, sim_i2t, sim_t2i = self._itc(image_feats, text_feats, image_ids, ids_all)
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
+        if self.scfg.query_sim_weight:  # not the paper's: keeps the queries apart (losses.query_similarity)
+            loss_qsim = losses.query_similarity(queries)
+            total = total + self.scfg.query_sim_weight * loss_qsim
+            out["loss_qsim"] = loss_qsim.detach()
 
         if "itm" in use:  # bidirectional: queries and text see each other; 3B rows, one third positives
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
@@ -183,6 +188,10 @@ class Stage1Model(nn.Module):
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
+        if self.scfg.query_sim_weight:  # not the paper's: keeps the queries apart (losses.query_similarity)
+            loss_qsim = losses.query_similarity(h[:, :Q])
+            total = total + self.scfg.query_sim_weight * loss_qsim
+            out["loss_qsim"] = loss_qsim.detach()
 
         if "itm" in use:
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)

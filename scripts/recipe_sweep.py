@@ -15,6 +15,7 @@ import re
 import time
 
 import torch
+import torch.nn.functional as F
 
 from minblip2 import config, losses
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
@@ -46,6 +47,7 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "bert001": ["--stage1.pretrained_lr_scale=0.01"], "bertfrozen": ["--stage1.pretrained_lr_scale=0.0"],
     # the stage-1 losses end the same whether the queries collapse or not: tell stage 1 to keep them apart
     "div1": ["query_div=1"], "div03": ["query_div=0.3"],
+    "div1h": ["query_div=1", "on_hidden"],  # the same term on the query outputs (what stage 2 reads), not ITC's features
     "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
@@ -53,11 +55,12 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
 #   itg_weight=W        stage 1's loss = itc + itm + W * itg
 #   query_ffn_fresh     re-initialise the query FFNs (BERT init) and train them at the fresh weights' lr
 #   query_div=W         stage 1's loss += W * the mean cosine between two ITC query features of an image (if > 0)
+#   on_hidden           query_div on the query outputs of the ITC pass (B, Q, H) instead of their ITC features
 #   n_train=N           train (both stages, the probe and nearest neighbour) on N of the 480 training images
 #   cls_only            the Q-Former sees only the [CLS] token of each image (training and scoring; stage 1 only)
 #   stage1_seed=S       (stage 2's list) reuse the stage-1 run of seed S, so only stage 2's seed varies
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
-TWEAK_KEYS = ("itg_weight", "query_div", "query_ffn_fresh", "n_train", "cls_only", "stage1_only", "stage1_seed")
+TWEAK_KEYS = ("itg_weight", "query_div", "on_hidden", "query_ffn_fresh", "n_train", "cls_only", "stage1_only", "stage1_seed")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -77,7 +80,10 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "main_360_qf01": ("main", 300, ["--stage2.max_steps=360", "--stage2.pretrained_lr_scale=0.1"]),
     **{f"{s1}_360_lpft100": (s1, 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"])
        for s1 in ("preset", "noitm", "itg3", "q8", "q32", "qffn_fresh", "n60", "n120", "n240", "lr3e4", "lr1e4",
-                  "bert001", "bertfrozen", "div1", "div03")},
+                  "bert001", "bertfrozen", "div1", "div03", "div1h")},
+    # the main job's stage-2 length (120 steps, one learning rate) from each start
+    **{f"{s1}_120": (s1, 0 if s1 in ("random", "bert") else 300, ["--stage2.max_steps=120"])
+       for s1 in ("random", "bert", "div1", "div1h")},
     "preset900_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
     # stage-2 seeds from the one 900-step stage 1 (seed 1337), as main_360's seeds are from the main job's stage 1
     "preset900s1337_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100",
@@ -88,7 +94,8 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "xattn3x_s1": ("xattn3x", 300, ["stage1_only"]), "cls_s1": ("cls", 300, ["stage1_only"]),
     "q8_s1": ("q8", 300, ["stage1_only"]), "q32_s1": ("q32", 300, ["stage1_only"]),
     "preset_s1": ("preset", 300, ["stage1_only"]),
-    **{f"{s1}_s1": (s1, 300, ["stage1_only"]) for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03")},
+    **{f"{s1}_s1": (s1, 300, ["stage1_only"])
+       for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03", "div1h")},
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -120,12 +127,14 @@ def train_data(cfg, n_train):
     return subset_images(data, int(n_train)) if n_train else data
 
 
-def with_query_div(itc_loss, weight: float):
+def with_query_div(itc_loss, weight: float, hidden=None):
     """itc_loss, plus weight * the mean cosine between two different queries' ITC features of one image (when
-    positive). Logged as part of loss_itc."""
+    positive); with `hidden` (a dict a forward hook fills with the query outputs of the last Q-Former pass), of
+    their query outputs instead. Logged as part of loss_itc."""
     def loss(image_feats, *args, **kwargs):
         out, sim_i2t, sim_t2i = itc_loss(image_feats, *args, **kwargs)
-        g = image_feats @ image_feats.transpose(1, 2)  # (B, Q, Q) cosines: the features are unit vectors
+        q = F.normalize(hidden["q"], dim=-1) if hidden is not None else image_feats
+        g = q @ q.transpose(1, 2)  # (B, Q, Q) cosines between unit vectors
         Q = g.shape[1]
         off_diag = (g.sum((1, 2)) - g.diagonal(dim1=1, dim2=2).sum(1)) / (Q * (Q - 1))
         return out + weight * off_diag.mean().clamp_min(0), sim_i2t, sim_t2i
@@ -148,8 +157,13 @@ def stage1_run(s1: str, steps: int, seed: int):
     if latest_checkpoint(run_dir / "checkpoints") is None:
         w, itg, itc = tw.get("itg_weight", 1.0), losses.itg_loss, losses.itc_loss
         losses.itg_loss = lambda *a, **k: w * itg(*a, **k)  # stage1.py calls losses.itg_loss at every step
+        hidden, hook = {}, None
+        if tw.get("on_hidden"):  # ITC's pass is the Q-Former call right before itc_loss: keep its query outputs
+            Q = c.qformer.num_queries
+            hook = model.qformer.register_forward_hook(
+                lambda mod, args, out: hidden.update(q=(out[0] if isinstance(out, tuple) else out)[:, :Q]))
         if tw.get("query_div"):
-            losses.itc_loss = with_query_div(itc, tw["query_div"])
+            losses.itc_loss = with_query_div(itc, tw["query_div"], hidden if hook else None)
         try:
             data = train_data(c, tw.get("n_train"))
             if tw.get("cls_only"):
@@ -157,6 +171,8 @@ def stage1_run(s1: str, steps: int, seed: int):
             train(c, 1, task=Stage1Task(model, data, tokenizer=tok, max_text_len=c.data.max_text_len), run_dir=run_dir)
         finally:
             losses.itg_loss, losses.itc_loss = itg, itc
+            if hook:
+                hook.remove()
     else:
         load_trainable_state(model, load_file(str(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")))
     return run_dir, model, c
@@ -182,10 +198,10 @@ def untrained_layers(seed: int) -> dict:
 
 COLLAPSE = {"random Q-Former (untrained)": ("layers_untrained/s0", "random"),  # results/query-collapse.png
             "BERT-initialised (untrained)": ("layers_untrained/s0", "bert"),
-            "stage 1, 32 queries, seed 1 (apart)": ("q32_s1/s1", None),
-            "stage 1, 32 queries, seed 1337": ("q32_s1/s1337", None),
-            "stage 1, cpu preset, seed 2": ("preset_s1/s2", None),
-            "stage 1, lr 1e-4 everywhere": ("lr1e4_s1/s1337", None)}
+            "paper's losses, 32 queries, seed 1": ("q32_s1/s1", None),
+            "paper's losses, cpu preset's 16 queries, seed 2": ("preset_s1/s2", None),
+            "+ query similarity of the ITC features, seed 1": ("div1_360_lpft100/s1", None),
+            "+ query similarity of the query outputs, seed 1": ("div1h_s1/s1", None)}
 
 
 def run(name: str, seed: int) -> dict:

@@ -17,6 +17,7 @@ for k, label in names1.items():
         print(f"| {label} | " + " | ".join(f"{d['stage1'][k][m]:.1f}" for m in keys1) + " |")
 print()
 names2 = {"minblip2": "minblip2 (stage 1 -> stage 2)", "no_stage1": "stage 2 from a random Q-Former (no stage 1)",
+          "no_stage1_bert": "stage 2 from a BERT-initialised Q-Former (no stage 1)",
           "linear_projection": "linear projection of pooled image tokens", "nearest_neighbour": "nearest-neighbour caption"}
 keys2 = ["BLEU_4", "METEOR", "ROUGE_L", "CIDEr"]
 print("| stage 2: captioning, coco-mini test (192 images) | " + " | ".join(keys2) + " |")

@@ -1,9 +1,10 @@
 """The Q-Former and stage-1 model: parity with transformers' BLIP-2, masks, and parameter counts."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Blip2ForImageTextRetrieval
 
-from minblip2 import masks
+from minblip2 import losses, masks
 from minblip2.config import QFormerConfig, Stage1Config, paper
 from minblip2.tools.convert import load_hf_qformer, load_hf_retrieval
 from minblip2.qformer import QFormer
@@ -256,7 +257,6 @@ def test_math_attention_equals_sdpa():
 def test_itm_loss_equals_the_loss_from_raw_image_tokens():
     """forward() reuses the ITC pass's image keys/values for ITM (the negatives' by indexing): the ITM loss must be
     what the plain recipe gives -- sample negatives, re-run the images [positive | negative | positive] from scratch."""
-    from minblip2 import losses
 
     m, img, ids, att = _tiny_model_and_batch(4, pad_from=5)
     image_ids = torch.arange(4)
@@ -272,13 +272,14 @@ def test_itm_loss_equals_the_loss_from_raw_image_tokens():
     assert torch.allclose(out["loss_itm"], losses.itm_loss(logits, num_pos=4), atol=1e-6)
 
 
-@pytest.mark.parametrize("use", [("itc", "itm", "itg"), ("itc", "itg"), ("itm",)])
-def test_fast_losses_equal_the_plain_three_passes(use):
+@pytest.mark.parametrize("use,query_sim", [(("itc", "itm", "itg"), 0.0), (("itc", "itg"), 0.0), (("itm",), 0.0),
+                                           (("itc", "itm", "itg"), 0.5)])
+def test_fast_losses_equal_the_plain_three_passes(use, query_sim):
     """Stage1Model.fast_losses (ITC in one pass, shared image keys/values, ITG on cached queries) is only an
     optimisation of plain_losses (one Q-Former pass per objective, as the paper describes): same losses, same
     gradients for every parameter. Dropout off (eval mode): the two spend the random stream differently."""
     m, img, ids, att = _tiny_model_and_batch(4, pad_from=5)
-    m.scfg.losses = use
+    m.scfg.losses, m.scfg.query_sim_weight = use, query_sim
     image_ids = torch.tensor([0, 1, 1, 2])  # two captions of one image: ITC's soft targets, ITM's negatives
     results = []
     for fast in (True, False):
@@ -288,6 +289,7 @@ def test_fast_losses_equal_the_plain_three_passes(use):
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
         results.append((out, grads))
     (fast, g_fast), (plain, g_plain) = results
+    assert ("loss_qsim" in fast) == (query_sim > 0)
     for k in fast:
         assert torch.allclose(fast[k], plain[k], atol=1e-6), k
     assert g_fast.keys() == g_plain.keys() and len(g_fast) > 10
@@ -300,7 +302,6 @@ def test_fast_losses_equal_the_plain_three_passes(use):
 def test_itc_targets_spread_over_every_caption_of_the_same_image():
     """Rows 0 and 1 are two captions of one image: each is a positive for the other's image, so ITC's target
     is 1/2 on both (LAVIS, with image ids), smoothed like cross_entropy's label_smoothing; never one-hot."""
-    from minblip2 import losses
 
     g = torch.Generator().manual_seed(0)
     image_feats = torch.nn.functional.normalize(torch.randn(3, 4, 8, generator=g), dim=-1)
@@ -343,3 +344,28 @@ def test_itc_soft_targets_with_the_batch_split_over_processes(monkeypatch):
         monkeypatch.setattr(dist, "all_gather_no_grad", lambda x: world[id(x)])
         parts.append(losses.itc_loss(*local[:2], temp, 0.1, image_ids=local[2])[0])
     assert torch.allclose((parts[0] + parts[1]) / 2, whole, atol=1e-6)
+
+
+def test_query_similarity_on_known_cases_and_its_gradient_pushes_queries_apart():
+    one = F.normalize(torch.randn(3, 1, 8), dim=-1).expand(3, 4, 8)  # each image: one vector said by 4 queries
+    assert torch.allclose(losses.query_similarity(one), torch.tensor(1.0))
+    assert losses.query_similarity(torch.eye(4).expand(2, 4, 4)) == 0  # orthogonal queries
+    opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # cosine -1: clamped, nothing to gain by going further
+    assert losses.query_similarity(opposite) == 0 and losses.query_similarity(one[:, :1]) == 0  # one query: 0
+    x = torch.randn(2, 4, 8) + 3.0  # alike: every coordinate shares a large offset
+    x.requires_grad_(True)
+    before = losses.query_similarity(F.normalize(x, dim=-1))
+    before.backward()
+    with torch.no_grad():
+        after = losses.query_similarity(F.normalize(x - 0.5 * x.grad / x.grad.norm(), dim=-1))
+    assert 0.5 < before < 1 and after < before
+
+
+def test_query_sim_weight_adds_the_weighted_term_to_the_loss():
+    m, img, ids, att = _tiny_model_and_batch(4, pad_from=5)
+    gen = lambda: torch.Generator().manual_seed(5)
+    base = m(img, ids, att, None, gen())
+    m.scfg.query_sim_weight = 2.0
+    out = m(img, ids, att, None, gen())
+    assert "loss_qsim" not in base and 0 < out["loss_qsim"] <= 1
+    assert torch.allclose(out["loss"], base["loss"] + 2.0 * out["loss_qsim"], atol=1e-6)

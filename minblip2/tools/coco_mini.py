@@ -3,7 +3,8 @@
     python -m minblip2.tools.coco_mini                       # offline defaults (preset "cpu"), ~30 min on 2 cores
     python -m minblip2.tools.coco_mini --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
 
-Writes to <out_dir>: stage1/ stage1_no_itg/ stage2/ stage2_no_stage1/ stage2_linear_projection/ (each with
+Writes to <out_dir>: stage1/ stage1_no_itg/ stage2/ stage2_no_stage1/ stage2_no_stage1_bert/
+stage2_linear_projection/ (each with
 checkpoints, log.csv, losses.png), metrics.json, captions.png, retrieval.png; and copies the metrics to
 --results (default results/coco-mini.json), the file README's tables come from. Interrupted? Run it
 again: every training stage resumes from its latest checkpoint.
@@ -137,10 +138,11 @@ def main(argv=None):
     tick("linear_probe", t0)
     _save(out, results, cfg, timings)
 
-    # ---------------------------------------------------------------- stage 2: three ways into the LLM
+    # ---------------------------------------------------------------- stage 2: four ways into the LLM
     s2 = {}
     for name, sub, c in [("minblip2", "stage2", cfg),
                          ("no_stage1", "stage2_no_stage1", variant(cfg, stage2__from_stage1=False)),
+                         ("no_stage1_bert", "stage2_no_stage1_bert", variant(cfg, stage2__from_stage1=False)),
                          ("linear_projection", "stage2_linear_projection", variant(cfg, stage2__from_stage1=False))]:
         t0 = time.time()
         seed_everything(c.stage2.seed)  # each model's initial weights depend on the config's seed alone
@@ -150,6 +152,8 @@ def main(argv=None):
             model = LinearProjectionModel(c.qformer, llm, tok, prompt=c.llm.prompt, max_text_len=c.data.max_text_len)
         else:
             model = build_stage2_model(c, stage1_dir=out / "stage1")
+        if name == "no_stage1_bert":  # how stage 1 starts, and LAVIS's stage 2 without a stage-1 checkpoint:
+            model.from_stage1(build_stage1_model(c)[0].state_dict())  # BERT's weights, fresh queries/cross-attention
         train(c, 2, task=Stage2Task(model, train_data), run_dir=out / sub)
         tick(f"train_{name}", t0)
         t0 = time.time()

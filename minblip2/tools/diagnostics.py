@@ -45,6 +45,18 @@ def stage1_query_stats(model, image_tokens: torch.Tensor) -> dict[str, float]:
     return query_stats(model.encode_image(image_tokens.float())[1])
 
 
+def _run_queries(qformer, image_tokens, hook_handles):
+    """One eval-mode pass of the queries over image_tokens for the hooks; removes them, restores the mode."""
+    was_training = qformer.training
+    qformer.eval()
+    try:
+        qformer(image_tokens)
+    finally:
+        for h in hook_handles:
+            h.remove()
+        qformer.train(was_training)
+
+
 @torch.no_grad()
 def cross_attention_stats(qformer, image_tokens: torch.Tensor) -> list[dict[str, float]]:
     """Run the Q-Former's queries on image_tokens (B, N, Dv), already through ln_vision, and return per
@@ -62,15 +74,7 @@ def cross_attention_stats(qformer, image_tokens: torch.Tensor) -> list[dict[str,
                       "cls_weight": round(a[..., 0].mean().item(), 4)})
 
     layers = [layer.cross_attn for layer in qformer.layers if layer.cross_attn is not None]
-    handles = [attn.register_forward_hook(hook, with_kwargs=True) for attn in layers]
-    was_training = qformer.training
-    qformer.eval()
-    try:
-        qformer(image_tokens)
-    finally:
-        for h in handles:
-            h.remove()
-        qformer.train(was_training)
+    _run_queries(qformer, image_tokens, [attn.register_forward_hook(hook, with_kwargs=True) for attn in layers])
     return stats
 
 
@@ -89,7 +93,8 @@ def query_cos_by_layer(qformer, image_tokens: torch.Tensor) -> list[dict]:
 
     def keep_output(name):
         def hook(mod, args, out):
-            rows.append({"sublayer": name, "query_cos": mean_query_cos(out[0] if isinstance(out, tuple) else out), **added[name]})
+            out = out[0] if isinstance(out, tuple) else out  # attention returns (output, its keys/values)
+            rows.append({"sublayer": name, "query_cos": mean_query_cos(out), **added[name]})
         return hook
 
     handles = []
@@ -99,14 +104,7 @@ def query_cos_by_layer(qformer, image_tokens: torch.Tensor) -> list[dict]:
                 last = mod.fc2 if kind == "ffn" else mod.out  # the sub-layer's output, before residual + norm
                 handles += [last.register_forward_hook(keep_added(f"L{i}.{kind}")),
                             mod.register_forward_hook(keep_output(f"L{i}.{kind}"))]
-    was_training = qformer.training
-    qformer.eval()
-    try:
-        qformer(image_tokens)
-    finally:
-        for h in handles:
-            h.remove()
-        qformer.train(was_training)
+    _run_queries(qformer, image_tokens, handles)
     return rows
 
 

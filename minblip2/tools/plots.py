@@ -137,7 +137,7 @@ def query_collapse(curves: dict, out_png=None):
     """Where the queries become alike. curves: {label: rows of diagnostics.query_cos_by_layer}. Left: the
     query-query cosine after every sub-layer. Right: how much each self-attention adds to the queries (the norm
     before its residual add and LayerNorm): a large addition shared by every query drowns what tells them apart."""
-    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    fig = Figure(figsize=(10, 4), layout="constrained")
     ax_cos, ax_add = fig.subplots(1, 2, width_ratios=(3, 2))
     for label, rows in curves.items():
         line, = ax_cos.plot(range(len(rows)), [r["query_cos"] for r in rows], "o-", ms=3, label=label)
@@ -146,7 +146,7 @@ def query_collapse(curves: dict, out_png=None):
     names = [r["sublayer"] for r in next(iter(curves.values()))]
     ax_cos.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
     ax_cos.set(ylim=(-0.05, 1.05), ylabel="query-query cosine", title="after each sub-layer (1 = all queries alike)")
-    ax_cos.legend(fontsize=7)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8)
     ax_add.set(yscale="log", xlabel="layer", ylabel="norm added to each query",
                title="what self-attention adds")
     for ax in (ax_cos, ax_add):
