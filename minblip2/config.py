@@ -204,9 +204,7 @@ def cpu() -> Config:
     (queries, cross-attention, heads) learn at 1e-3 while the BERT-initialised ones learn 10x slower; the
     cached image features include 6 augmented views per image (without them the Q-Former overfits 480
     images); the frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every
-    token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers. One
-    loss is not the paper's: stage 1 adds the mean cosine between an image's queries (query_sim_weight=1;
-    without it the 16 queries collapse into one vector, and stage 2 from them trails a random Q-Former).
+    token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers.
     """
     c = Config()
     c.qformer.num_queries = 16
@@ -215,7 +213,7 @@ def cpu() -> Config:
     c.data.augmented_views = 6
     c.llm.dtype = "bfloat16"
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
-                            pretrained_lr_scale=0.1, amp="bf16", ckpt_every=100, query_sim_weight=1.0)
+                            pretrained_lr_scale=0.1, amp="bf16", ckpt_every=100)
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
                             amp="bf16", ckpt_every=50)
     # ITM re-ranking lowered R@1 at every depth on val (k = 4 ... 32, scripts/recipe_sweep.py rerank_main): ITC alone

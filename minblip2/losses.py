@@ -1,4 +1,4 @@
-"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG (and one that is not the paper's: query_similarity).
+"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG; and query_similarity, an experiment.
 
 They work on a batch that may be split across processes: similarities are computed against the
 features of the GLOBAL batch (gathered from every process), so in-batch negatives grow with the number
@@ -53,9 +53,10 @@ def query_similarity(queries: torch.Tensor) -> torch.Tensor:
     """The mean cosine between two different query outputs of one image, averaged over the batch (0 if below 0):
     1 when the queries say one thing Q times, about 0 when they say Q different things.
 
-    queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: a
-    small-scale fix (Stage1Config.query_sim_weight; README, "Deviations"). ITC, ITM and ITG end at the same values
-    whether the queries stay apart or collapse into one vector, and stage 2 needs them apart.
+    queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: an
+    experiment (Stage1Config.query_sim_weight, 0 in both presets; README, the recipe search). ITC, ITM and ITG end
+    at the same values whether the queries stay apart or collapse into one vector, and stage 2 needs them apart.
+    Measured in training mode, dropout noise alone can satisfy it: check the queries in eval mode too.
     """
     Q = queries.shape[1]
     if Q < 2:

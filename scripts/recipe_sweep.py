@@ -47,7 +47,7 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "bert001": ["--stage1.pretrained_lr_scale=0.01"], "bertfrozen": ["--stage1.pretrained_lr_scale=0.0"],
     # the stage-1 losses end the same whether the queries collapse or not: tell stage 1 to keep them apart
     "div1": ["query_div=1"], "div03": ["query_div=0.3"],
-    "div1h": ["query_div=1", "on_hidden"],  # the same term on the query outputs (what stage 2 reads), not ITC's features
+    "div1h": ["query_div=1", "on_hidden"],  # the same on the query outputs (what stage 2 reads): the cpu preset
     "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
@@ -60,7 +60,8 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
 #   cls_only            the Q-Former sees only the [CLS] token of each image (training and scoring; stage 1 only)
 #   stage1_seed=S       (stage 2's list) reuse the stage-1 run of seed S, so only stage 2's seed varies
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
-TWEAK_KEYS = ("itg_weight", "query_div", "on_hidden", "query_ffn_fresh", "n_train", "cls_only", "stage1_only", "stage1_seed")
+TWEAK_KEYS = ("itg_weight", "query_div", "on_hidden", "query_ffn_fresh", "n_train", "cls_only", "stage1_only",
+              "stage1_seed")
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
@@ -296,7 +297,8 @@ def table() -> str:
             return ", ".join(f"{v} (s{sd})" for sd, v in by_seed.items())
         return next(iter(by_seed.values()), "")
 
-    out = ["| variant (val, 360 stage-2 steps) | stage 1 | stage 2 | CIDEr per seed | CIDEr mean | BLEU-4 mean | "
+    out = ["| variant (val; stage-2 steps: the name's 120 or 360) | stage 1 | stage 2 | CIDEr per seed | CIDEr mean | "
+           "BLEU-4 mean | "
            "stage-1 query cosine | stage-1 TR@1 / IR@1 (ITC) |", "|---|---|---|---|---:|---:|---:|---|"]
     for name, seeds in runs.items():
         r0 = next(iter(seeds.values()))
