@@ -47,7 +47,7 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "bert001": ["--stage1.pretrained_lr_scale=0.01"], "bertfrozen": ["--stage1.pretrained_lr_scale=0.0"],
     # the stage-1 losses end the same whether the queries collapse or not: tell stage 1 to keep them apart
     "div1": ["query_div=1"], "div03": ["query_div=0.3"],
-    "div1h": ["query_div=1", "on_hidden"],  # the same on the query outputs (what stage 2 reads): the cpu preset
+    "div1h": ["query_div=1", "on_hidden"],  # the same on the query outputs (what stage 2 reads)
     "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
