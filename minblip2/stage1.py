@@ -121,7 +121,7 @@ class Stage1Model(nn.Module):
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
-        if self.scfg.query_sim_weight:  # not the paper's: keeps the queries apart (losses.query_similarity)
+        if self.scfg.query_sim_weight:  # not the paper's: pushes the queries apart (losses.query_similarity)
             loss_qsim = losses.query_similarity(queries)
             total = total + self.scfg.query_sim_weight * loss_qsim
             out["loss_qsim"] = loss_qsim.detach()
@@ -188,7 +188,7 @@ class Stage1Model(nn.Module):
         if "itc" in use:
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
-        if self.scfg.query_sim_weight:  # not the paper's: keeps the queries apart (losses.query_similarity)
+        if self.scfg.query_sim_weight:  # not the paper's: pushes the queries apart (losses.query_similarity)
             loss_qsim = losses.query_similarity(h[:, :Q])
             total = total + self.scfg.query_sim_weight * loss_qsim
             out["loss_qsim"] = loss_qsim.detach()
