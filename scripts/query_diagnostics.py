@@ -58,6 +58,8 @@ cfg.stage2.from_stage1 = False  # the weights come from each run's own checkpoin
 model = build_stage2_model(cfg)
 captions = [caps[0] for caps in test.captions[:96]]
 for sub in ["stage2", "stage2_no_stage1", "stage2_no_stage1_bert"]:
+    if latest_checkpoint(RUN / sub / "checkpoints") is None:  # a run from before the BERT start was added
+        continue
     model.load_trainable_state_dict(weights(sub))
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
