@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from minblip2 import config, losses
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
-from minblip2.tools.diagnostics import query_cos_by_layer, stage1_query_stats
+from minblip2.tools.diagnostics import query_cos_by_layer
 from minblip2.tools.plots import data_scaling, query_collapse, scaling_points
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.tools.coco_mini import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
@@ -227,8 +227,8 @@ def run(name: str, seed: int) -> dict:
             assert s2_tw.get("stage1_only"), "cls_only is a stage-1 diagnosis: stage 2 would still see every token"
             val.features = val.features[:, :1]
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
-        res["query_cos"] = stage1_query_stats(s1_model, val.features[:64])["query_cos"]
         res["query_cos_by_layer"] = layer_rows(s1_model, val.features[:64])
+        res["query_cos"] = res["query_cos_by_layer"][-1]["query_cos"]  # after the last sub-layer: the query outputs
     if s2_tw.get("stage1_only"):
         return res
     data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
