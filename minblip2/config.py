@@ -111,7 +111,8 @@ class Stage1Config(TrainConfig):
     # the ITC pass (as LAVIS does). False = the paper's passes written out one by one (Stage1Model.plain_losses)
     fast_passes: bool = True
     pretrained_lr_scale: float = 1.0  # lr multiplier for the Q-Former's BERT-initialised weights (paper: 1.0)
-    # weight of losses.query_similarity (the mean cosine between an image's queries) added to the loss; paper: 0
+    # weight of losses.query_similarity (the mean cosine between an image's queries, on a dropout-free pass of the
+    # queries) added to the loss; paper: 0
     query_sim_weight: float = 0.0
 
 

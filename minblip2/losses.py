@@ -56,7 +56,7 @@ def query_similarity(queries: torch.Tensor) -> torch.Tensor:
     queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: an
     experiment (Stage1Config.query_sim_weight, 0 in both presets; README, the recipe search). ITC, ITM and ITG end
     at the same values whether the queries stay apart or collapse into one vector, and stage 2 needs them apart.
-    Measured in training mode, dropout noise alone can satisfy it: check the queries in eval mode too.
+    Give it queries computed without dropout (Stage1Model does): on a training pass, dropout noise alone can satisfy it.
     """
     Q = queries.shape[1]
     if Q < 2:

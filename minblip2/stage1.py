@@ -122,7 +122,7 @@ class Stage1Model(nn.Module):
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
         if self.scfg.query_sim_weight:  # not the paper's: pushes the queries apart (losses.query_similarity)
-            loss_qsim = losses.query_similarity(queries)
+            loss_qsim = losses.query_similarity(self._queries_without_dropout(img))
             total = total + self.scfg.query_sim_weight * loss_qsim
             out["loss_qsim"] = loss_qsim.detach()
 
@@ -157,6 +157,19 @@ class Stage1Model(nn.Module):
         return losses.itc_loss(image_feats, text_feats, self.temp, self.scfg.label_smoothing,
                                self.scfg.itc_gather_grad, image_ids, ids_all)
 
+    def _queries_without_dropout(self, img=None, image_kv=None):
+        """The query outputs (B, Q, H) of one more pass with dropout off, as stage 2 and retrieval will see them.
+
+        query_similarity needs this pass: measured on the training pass, the Q-Former met it with dropout noise
+        alone (loss 0.16 in training, while the queries of the trained model in eval mode had cosine 0.997).
+        Gradients flow; only dropout is off (the Q-Former has no other train/eval difference)."""
+        was_training = self.qformer.training
+        self.qformer.train(False)
+        try:
+            return self.qformer(img, image_kv=image_kv)
+        finally:
+            self.qformer.train(was_training)
+
     def _dec(self, input_ids):
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.qcfg.dec_token_id  # [DEC] instead of [CLS] tells the Q-Former to generate
@@ -189,7 +202,7 @@ class Stage1Model(nn.Module):
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
         if self.scfg.query_sim_weight:  # not the paper's: pushes the queries apart (losses.query_similarity)
-            loss_qsim = losses.query_similarity(h[:, :Q])
+            loss_qsim = losses.query_similarity(self._queries_without_dropout(image_kv=image_kv))
             total = total + self.scfg.query_sim_weight * loss_qsim
             out["loss_qsim"] = loss_qsim.detach()
 

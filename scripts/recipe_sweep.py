@@ -48,6 +48,9 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     # the stage-1 losses end the same whether the queries collapse or not: tell stage 1 to keep them apart
     "div1": ["query_div=1"], "div03": ["query_div=0.3"],
     "div1h": ["query_div=1", "on_hidden"],  # the same on the query outputs (what stage 2 reads)
+    # the package's version: losses.query_similarity on a dropout-free pass of the queries (div1h's term saw the
+    # training pass, and the main job's run met it with dropout noise)
+    "qsim1": ["--stage1.query_sim_weight=1"],
     "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
@@ -81,10 +84,10 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "main_360_qf01": ("main", 300, ["--stage2.max_steps=360", "--stage2.pretrained_lr_scale=0.1"]),
     **{f"{s1}_360_lpft100": (s1, 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"])
        for s1 in ("preset", "noitm", "itg3", "q8", "q32", "qffn_fresh", "n60", "n120", "n240", "lr3e4", "lr1e4",
-                  "bert001", "bertfrozen", "div1", "div03", "div1h")},
+                  "bert001", "bertfrozen", "div1", "div03", "div1h", "qsim1")},
     # the main job's stage-2 length (120 steps, one learning rate) from each start
     **{f"{s1}_120": (s1, 0 if s1 in ("random", "bert") else 300, ["--stage2.max_steps=120"])
-       for s1 in ("random", "bert", "div1", "div1h")},
+       for s1 in ("random", "bert", "div1", "div1h", "qsim1")},
     "preset900_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
     # stage-2 seeds from the one 900-step stage 1 (seed 1337), as main_360's seeds are from the main job's stage 1
     "preset900s1337_360_lpft100": ("preset", 900, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100",
@@ -96,7 +99,7 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "q8_s1": ("q8", 300, ["stage1_only"]), "q32_s1": ("q32", 300, ["stage1_only"]),
     "preset_s1": ("preset", 300, ["stage1_only"]),
     **{f"{s1}_s1": (s1, 300, ["stage1_only"])
-       for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03", "div1h")},
+       for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03", "div1h", "qsim1")},
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"

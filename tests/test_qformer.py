@@ -346,6 +346,29 @@ def test_itc_soft_targets_with_the_batch_split_over_processes(monkeypatch):
     assert torch.allclose((parts[0] + parts[1]) / 2, whole, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_query_similarity_is_measured_without_dropout(fast):
+    """In training mode the term is computed on a dropout-free pass of the queries: what eval mode (stage 2,
+    retrieval) will see. On the training pass itself, dropout noise alone can keep the queries apart. The model is
+    left in training mode, with dropout still on for the paper's three losses."""
+    m, img, ids, att = _tiny_model_and_batch(4)
+    m.qcfg.dropout = 0.5
+    for mod in m.qformer.modules():  # a high dropout, so that a pass with it on cannot match by chance
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.5
+        if hasattr(mod, "dropout") and isinstance(mod.dropout, float):
+            mod.dropout = 0.5
+    m.scfg.fast_passes, m.scfg.query_sim_weight = fast, 1.0
+    with torch.no_grad():
+        clean = losses.query_similarity(m.encode_image(img)[1])  # eval mode: no dropout
+        m.train()
+        noisy = losses.query_similarity(m.qformer(m.ln_vision(img)))
+        out = m(img, ids, att, torch.arange(4), torch.Generator().manual_seed(0))
+    assert m.training and m.qformer.training
+    assert not torch.allclose(noisy, clean, atol=1e-4)  # the test can tell the two passes apart
+    assert torch.allclose(out["loss_qsim"], clean, atol=1e-6)
+
+
 def test_query_similarity_on_known_cases_and_its_gradient_pushes_queries_apart():
     one = F.normalize(torch.randn(3, 1, 8), dim=-1).expand(3, 4, 8)  # each image: one vector said by 4 queries
     assert torch.allclose(losses.query_similarity(one), torch.tensor(1.0))
