@@ -1,7 +1,7 @@
 # The two commands a newcomer needs:   make run   |   make test
 PY := .venv/bin/python
 
-.PHONY: run test setup data lessons unit bench clean
+.PHONY: run ablations test setup data lessons unit bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,11 @@ data: setup
 # the main job: stage 1 -> stage 2 -> evaluation, writes runs/coco-mini/ and results/coco-mini.json
 run: data
 	$(PY) -m minblip2.tools.coco_mini
+
+# what each piece is worth, at the main job's stage-2 steps: no ITG, no stage 1 (random / BERT start), a linear
+# projection; writes runs/coco-mini/ and results/coco-mini-ablations.json (~35 min)
+ablations: data
+	$(PY) -m minblip2.tools.coco_mini --ablations
 
 # everything CI runs: unit/parity/integration tests, then the lessons through nbval
 test: data

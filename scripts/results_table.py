@@ -1,9 +1,15 @@
-"""Print README's results tables (markdown) from a metrics file written by `python -m minblip2.tools.coco_mini`."""
+"""Print README's results tables (markdown) from the metrics files of `python -m minblip2.tools.coco_mini` (the main
+job) and of `... --ablations`, when there is one:  python scripts/results_table.py [MAIN.json [ABLATIONS.json]]"""
 import json
 import sys
+from pathlib import Path
 
 path = sys.argv[1] if len(sys.argv) > 1 else "results/coco-mini.json"
+ablations = Path(sys.argv[2] if len(sys.argv) > 2 else "results/coco-mini-ablations.json")
 d = json.load(open(path))
+a = json.loads(ablations.read_text()) if ablations.is_file() else {"stage1": {}, "stage2": {}, "timings_s": {}}
+d["stage1"] = {**d["stage1"], **a["stage1"]}
+d["stage2"] = {**a["stage2"], **d["stage2"]}  # one nearest-neighbour row: the main job's
 k = d["config"].get("eval", d["config"]["stage1"])["itm_rerank_k"]
 head = f"ITM re-ranks the ITC top {k}" if k else "ranked by ITC"
 names1 = {"qformer": f"Q-Former (ITC+ITM+ITG), {head}", "qformer_itc_only": "same model, ranked by ITC only",
@@ -27,4 +33,6 @@ for k, label in names2.items():
         print(f"| {label} | " + " | ".join(f"{d['stage2'][k][m]:.1f}" for m in keys2) + " |")
 t = d.get("timings_s", {})
 if "total" in t:
-    print(f"\nWall time of the whole job: {t['total'] / 60:.0f} min on 2 CPU cores.")
+    print(f"\nWall time of the main job: {t['total'] / 60:.0f} min on 2 CPU cores.")
+if "total" in a["timings_s"]:
+    print(f"Wall time of the ablations: {a['timings_s']['total'] / 60:.0f} min on 2 CPU cores.")

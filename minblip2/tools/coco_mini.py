@@ -1,13 +1,17 @@
 """The main job: stage 1 -> stage 2 -> evaluation on coco-mini, with the baselines, in one command.
 
-    python -m minblip2.tools.coco_mini                       # offline defaults (preset "cpu"), ~30 min on 2 cores
+    python -m minblip2.tools.coco_mini                       # offline defaults (preset "cpu"), <30 min on 2 cores
+    python -m minblip2.tools.coco_mini --ablations           # what each piece is worth (~35 min)
     python -m minblip2.tools.coco_mini --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
 
-Writes to <out_dir>: stage1/ stage1_no_itg/ stage2/ stage2_no_stage1/ stage2_no_stage1_bert/
-stage2_linear_projection/ (each with
-checkpoints, log.csv, losses.png), metrics.json, captions.png, retrieval.png; and copies the metrics to
---results (default results/coco-mini.json), the file README's tables come from. Interrupted? Run it
-again: every training stage resumes from its latest checkpoint.
+The main job trains the headline model (stage1/, stage2/) and scores it against the two baselines that need no
+training of ours: the linear probe (retrieval) and the nearest-neighbour caption. It writes metrics.json,
+captions.png and retrieval.png to <out_dir> and copies the metrics to --results (default results/coco-mini.json).
+--ablations trains, at the same stage-2 steps: stage 1 without ITG (stage1_no_itg/), stage 2 without stage 1 from a
+random (stage2_no_stage1/) and from a BERT-initialised Q-Former (stage2_no_stage1_bert/), and a linear projection
+into the LLM (stage2_linear_projection/); metrics in <out_dir>/ablations.json and results/coco-mini-ablations.json.
+Every training stage writes checkpoints, log.csv and losses.png. Interrupted? Run it again: every training stage
+resumes from its latest checkpoint.
 """
 from __future__ import annotations
 
@@ -94,25 +98,36 @@ def generate_captions(model, features, batch_size: int, num_beams: int, max_new_
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--results", default=str(REPO_ROOT / "results" / "coco-mini.json"),
-                   help="where to copy the metrics ('' = don't)")
+    p.add_argument("--ablations", action="store_true",
+                   help="train the ablations (no ITG; stage 2 without stage 1, from a random and from a BERT-initialised "
+                        "Q-Former; a linear projection) instead of the headline model")
+    p.add_argument("--results", default=None, help="where to copy the metrics ('' = don't; default "
+                   "results/coco-mini.json, with --ablations results/coco-mini-ablations.json)")
     args, overrides = p.parse_known_args(argv)
     cfg = config_from_command_line(args.preset, overrides)  # a mistake: one line, exit status 2
+    if args.results is None:
+        args.results = str(REPO_ROOT / "results" / ("coco-mini-ablations.json" if args.ablations else "coco-mini.json"))
     device = dist.setup(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / ("ablations.json" if args.ablations else "metrics.json")
+    command = "python -m minblip2.tools.coco_mini" + (" --ablations" if args.ablations else "")
     timings, t_start = {}, time.time()
 
     def tick(name, t0):
         timings[name] = round(time.time() - t0, 1)
         print(f"[{name}] {timings[name]} s")
 
-    # ---------------------------------------------------------------- stage 1: Q-Former, and without ITG
+    def save(final=False):
+        _save(metrics_file, results, cfg, timings, command, final)
+
+    # ---------------------------------------------------------------- stage 1: the Q-Former (ablation: without ITG)
     t0 = time.time()
     train_data = ImageTextData.build(cfg, "train", True, device)
     s1 = {}
-    for name, sub, c in [("qformer", "stage1", cfg),
-                         ("qformer_no_itg", "stage1_no_itg", variant(cfg, stage1__losses=("itc", "itm")))]:
+    stage1_runs = ([("qformer_no_itg", "stage1_no_itg", variant(cfg, stage1__losses=("itc", "itm")))]
+                   if args.ablations else [("qformer", "stage1", cfg)])
+    for name, sub, c in stage1_runs:
         seed_everything(c.stage1.seed)  # each model's initial weights depend on the config's seed alone
         model, tokenizer = build_stage1_model(c)
         task = Stage1Task(model, train_data, tokenizer=tokenizer, max_text_len=c.data.max_text_len)
@@ -124,26 +139,33 @@ def main(argv=None):
     test = TestSplit(cfg, tokenizer, device)
     results = {"stage1": {}, "stage2": {}}
     k, amp = cfg.eval.itm_rerank_k, cfg.stage1.amp  # k = 0: ranked by ITC alone (the cpu preset: chosen on val)
-    results["stage1"]["qformer"], itc_only, t2i = stage1_retrieval(s1["qformer"], test, k, device, amp)
-    if k:
-        results["stage1"]["qformer_itc_only"] = itc_only
-    else:  # what ITM re-ranking would have done (the preset turns it off because it lowers R@1 on val)
-        results["stage1"]["qformer_itm_rerank16"], _, _ = stage1_retrieval(s1["qformer"], test, 16, device, amp)
-    results["stage1"]["qformer_no_itg"], _, _ = stage1_retrieval(s1["qformer_no_itg"], test, k, device, amp)
+    for name, model in s1.items():
+        results["stage1"][name], itc_only, t2i = stage1_retrieval(model, test, k, device, amp)
+    if not args.ablations:
+        if k:
+            results["stage1"]["qformer_itc_only"] = itc_only
+        else:  # what ITM re-ranking would have done (the preset turns it off because it lowers R@1 on val)
+            results["stage1"]["qformer_itm_rerank16"], _, _ = stage1_retrieval(s1["qformer"], test, 16, device, amp)
     tick("eval_retrieval", t0)
 
     # ---------------------------------------------------------------- linear probe (same data, same loss)
-    t0 = time.time()
-    results["stage1"]["linear_probe"] = linear_probe_retrieval(cfg, train_data, test)
-    tick("linear_probe", t0)
-    _save(out, results, cfg, timings)
+    if not args.ablations:
+        t0 = time.time()
+        results["stage1"]["linear_probe"] = linear_probe_retrieval(cfg, train_data, test)
+        tick("linear_probe", t0)
+    save()
 
-    # ---------------------------------------------------------------- stage 2: four ways into the LLM
+    # ---------------------------------------------------------------- stage 2: the ways into the LLM
+    # the ablations train as many stage-2 steps as the headline model (the paper's Figure 5 at one point)
+    no_stage1 = variant(cfg, stage2__from_stage1=False)
+    stage2_runs = ([("no_stage1", "stage2_no_stage1", no_stage1),
+                    # all its weights train from step 0 (bert_360 in scripts/recipe_sweep.py: the setting measured
+                    # on val); freezing BERT's weights for the first steps is stage 1's warm start, not BERT's
+                    ("no_stage1_bert", "stage2_no_stage1_bert", variant(no_stage1, stage2__pretrained_frozen_steps=0)),
+                    ("linear_projection", "stage2_linear_projection", no_stage1)]
+                   if args.ablations else [("minblip2", "stage2", cfg)])
     s2 = {}
-    for name, sub, c in [("minblip2", "stage2", cfg),
-                         ("no_stage1", "stage2_no_stage1", variant(cfg, stage2__from_stage1=False)),
-                         ("no_stage1_bert", "stage2_no_stage1_bert", variant(cfg, stage2__from_stage1=False)),
-                         ("linear_projection", "stage2_linear_projection", variant(cfg, stage2__from_stage1=False))]:
+    for name, sub, c in stage2_runs:
         t0 = time.time()
         seed_everything(c.stage2.seed)  # each model's initial weights depend on the config's seed alone
         if name == "linear_projection":
@@ -164,28 +186,29 @@ def main(argv=None):
                                                   dict(zip(test.image_ids, test.captions)))
         tick(f"captions_{name}", t0)
         del model
-        _save(out, results, cfg, timings)
+        save()
 
     nn_preds = nearest_neighbour_captions(pooled_image_features(train_data.features),
                                           _captions_per_image(train_data), pooled_image_features(test.features))
     results["stage2"]["nearest_neighbour"] = caption_metrics(dict(zip(test.image_ids, nn_preds)),
                                                              dict(zip(test.image_ids, test.captions)))
 
-    # ---------------------------------------------------------------- pictures
-    show = list(range(0, len(test.image_ids), max(1, len(test.image_ids) // 12)))[:12]
-    caption_grid([test.image_paths[i] for i in show], [s2["minblip2"][i] for i in show],
-                 [test.captions[i][0] for i in show], out / "captions.png")
-    queries = [0, 7, 33, 101, 402]
-    queries = [q for q in queries if q < len(test.flat_captions)][:4]
-    ranked = [t2i[q].argsort(descending=True)[:5].tolist() for q in queries]
-    retrieval_examples([test.flat_captions[q] for q in queries], [[test.image_paths[i] for i in r] for r in ranked],
-                       [[i == int(test.text_to_image[q]) for i in r] for q, r in zip(queries, ranked)],
-                       out / "retrieval.png")
+    # ---------------------------------------------------------------- pictures (the headline model's)
+    if not args.ablations:
+        show = list(range(0, len(test.image_ids), max(1, len(test.image_ids) // 12)))[:12]
+        caption_grid([test.image_paths[i] for i in show], [s2["minblip2"][i] for i in show],
+                     [test.captions[i][0] for i in show], out / "captions.png")
+        queries = [0, 7, 33, 101, 402]
+        queries = [q for q in queries if q < len(test.flat_captions)][:4]
+        ranked = [t2i[q].argsort(descending=True)[:5].tolist() for q in queries]
+        retrieval_examples([test.flat_captions[q] for q in queries], [[test.image_paths[i] for i in r] for r in ranked],
+                           [[i == int(test.text_to_image[q]) for i in r] for q, r in zip(queries, ranked)],
+                           out / "retrieval.png")
     timings["total"] = round(time.time() - t_start, 1)
-    _save(out, results, cfg, timings, final=True)
+    save(final=True)
     if args.results:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text((out / "metrics.json").read_text())
+        Path(args.results).write_text(metrics_file.read_text())
     print(json.dumps(results, indent=2))
 
 
@@ -196,12 +219,11 @@ def _captions_per_image(data: ImageTextData) -> list[list[str]]:
     return caps
 
 
-def _save(out: Path, results, cfg: Config, timings, final: bool = False):
-    doc = {**results, "complete": final, "timings_s": timings,
-           "command": "python -m minblip2.tools.coco_mini", "config": cfg.to_dict()}
-    tmp = out / ".metrics.json.tmp"
+def _save(path: Path, results, cfg: Config, timings, command: str, final: bool = False):
+    doc = {**results, "complete": final, "timings_s": timings, "command": command, "config": cfg.to_dict()}
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
