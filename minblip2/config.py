@@ -204,7 +204,8 @@ def cpu() -> Config:
     feature for ITC is MiniLM's mean over tokens (how it was trained), not [CLS]; the fresh weights
     (queries, cross-attention, heads) learn at 1e-3 while the BERT-initialised ones learn 10x slower; the
     cached image features include 6 augmented views per image (without them the Q-Former overfits 480
-    images); the frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every
+    images); stage 1 adds a term that keeps an image's query outputs apart (query_sim_weight); stage 2 trains
+    llm_proj alone for its first 100 steps; the frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every
     token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers.
     """
     c = Config()
@@ -213,10 +214,13 @@ def cpu() -> Config:
     c.qformer.attn_impl = "math"
     c.data.augmented_views = 6
     c.llm.dtype = "bfloat16"
+    # query_sim_weight: not the paper's; without it the 16 query outputs of an image collapse into one vector, which
+    # the three losses do not notice and stage 2 cannot use (README, "Deviations")
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
-                            pretrained_lr_scale=0.1, amp="bf16", ckpt_every=100)
-    c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=120, batch_size=16,
-                            amp="bf16", ckpt_every=50)
+                            pretrained_lr_scale=0.1, query_sim_weight=1.0, amp="bf16", ckpt_every=100)
+    # the first 100 stage-2 steps train llm_proj alone, so its random start does not shake the stage-1 Q-Former
+    c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=360, batch_size=16,
+                            pretrained_frozen_steps=100, amp="bf16", ckpt_every=50)
     # ITM re-ranking lowered R@1 at every depth on val (k = 4 ... 32, scripts/recipe_sweep.py rerank_main): ITC alone
     c.eval = EvalConfig(itm_rerank_k=0, num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3)
     c.out_dir = "runs/coco-mini"

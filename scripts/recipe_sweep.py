@@ -65,7 +65,8 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
 TWEAK_KEYS = ("itg_weight", "query_div", "on_hidden", "query_ffn_fresh", "n_train", "cls_only", "stage1_only",
               "stage1_seed")
-MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"  # "main": the stage-1 run of `make run`
+# "main": the stage-1 run of `make run` (the main_* rows used it when the preset had the paper's three losses)
+MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
     # for the first 100 steps (the Q-Former frozen: "linear probing, then fine-tuning")
@@ -103,6 +104,13 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
+
+
+def sweep_base():
+    """The cpu preset as every row in results/recipe-sweep.json was measured on: the paper's three stage-1 losses and
+    all of stage 2 training from step 0 (the preset took query_sim_weight=1 and pretrained_frozen_steps=100 from
+    the rows qsim1_* and *_lpft100 here). A variant's own overrides come on top."""
+    return apply_overrides(config.cpu(), ["--stage1.query_sim_weight=0", "--stage2.pretrained_frozen_steps=0"])
 
 
 def split_tweaks(items: list[str]) -> tuple[list[str], dict]:
@@ -148,7 +156,7 @@ def with_query_div(itc_loss, weight: float, hidden=None):
 def stage1_run(s1: str, steps: int, seed: int):
     """Train (or reuse) a stage-1 run; returns its directory, model and config."""
     over, tw = split_tweaks(S1[s1])
-    c = apply_overrides(config.cpu(), over)
+    c = apply_overrides(sweep_base(), over)
     c.stage1.max_steps, c.stage1.seed, c.stage1.ckpt_every = steps, seed, 10**9
     run_dir = RUNS / "stage1" / f"{s1}-{steps}-s{seed}"
     seed_everything(seed)
@@ -191,7 +199,7 @@ def layer_rows(model, image_tokens):
 
 def untrained_layers(seed: int) -> dict:
     """query_cos_by_layer of the two untrained starts on val: a random Q-Former and the BERT-initialised one."""
-    cfg = config.cpu()
+    cfg = sweep_base()
     torch.manual_seed(seed)
     bert, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, torch.device("cpu"), split="val")
@@ -214,7 +222,7 @@ def run(name: str, seed: int) -> dict:
     s1_over, s1_tw = split_tweaks(S1.get(s1, []))
     s2_over, s2_tw = split_tweaks(s2_items)
     shared = [o for o in s1_over if o.startswith("--qformer.")]  # the Q-Former's shape carries over to stage 2
-    cfg = apply_overrides(config.cpu(), shared + s2_over)
+    cfg = apply_overrides(sweep_base(), shared + s2_over)
     cfg.stage2.seed, cfg.stage2.ckpt_every = seed, 10**9
     res = {"stage1": s1, "stage1_steps": s1_steps, "stage1_recipe": S1.get(s1, []), "stage2_overrides": s2_items,
            "seed": seed}
@@ -255,7 +263,7 @@ def run(name: str, seed: int) -> dict:
 
 def baselines(seed: int = 1337, n_train: int = 0) -> dict:
     """Nearest-neighbour captions and the linear probe on val (their settings: the main job's)."""
-    cfg, device = config.cpu(), torch.device("cpu")
+    cfg, device = sweep_base(), torch.device("cpu")
     data = train_data(cfg, n_train)
     _, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, device, split="val")
@@ -270,7 +278,7 @@ def baselines(seed: int = 1337, n_train: int = 0) -> dict:
 
 def rerank_on_val(run: str = "main") -> dict:
     """The ITM re-rank depth on val for a stage-1 run ("main" = the main job's): k = 0 (ITC only), 4, 8, 16, 32."""
-    cfg, device = config.cpu(), torch.device("cpu")
+    cfg, device = sweep_base(), torch.device("cpu")
     model, tok = build_stage1_model(cfg)
     load_trainable_state(model, load_file(str(latest_checkpoint((MAIN_STAGE1 if run == "main" else RUNS / "stage1" / run)
                                                                 / "checkpoints") / "model.safetensors")))
