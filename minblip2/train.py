@@ -96,6 +96,8 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         check_llm_precision(cfg)
     seed_everything(t.seed + dist.rank())  # different dropout per process, same data order (see tasks.batch_indices)
     task = task or build_task(cfg, stage, device, stage1_dir=init_from)
+    if stage == 1:
+        check_loss_config(task.model, t)
     model = task.model.to(device)
     run_dir = Path(run_dir or Path(cfg.out_dir) / f"stage{stage}")
     ckpt_root = run_dir / "checkpoints"
@@ -215,6 +217,21 @@ def check_compile(t: TrainConfig, device: torch.device):
             f"backward (inductor: \"TypeError: expected Tensor() for op: input\"), and it would not pay off there "
             f"anyway. Drop --stage1.compile / --stage2.compile on this machine; keep it on GPUs (1.47x faster "
             f"stage-1 steps measured on an H100).")
+
+
+def check_loss_config(model, t: TrainConfig):
+    """A Stage1Model computes its losses from the Stage1Config it was built with (model.scfg), not from the config
+    train() is given. If they disagree on the loss, the run would train one loss and record another in config.json."""
+    built = getattr(model, "scfg", None)
+    if built is None or built is t:
+        return
+    fields = ("losses", "query_sim_weight", "label_smoothing", "clamp_temp", "itc_gather_grad", "fast_passes")
+    differ = [f"{f}: model {getattr(built, f)!r}, cfg {getattr(t, f)!r}" for f in fields
+              if getattr(built, f) != getattr(t, f)]
+    if differ:
+        raise ValueError(f"the model was built with another stage-1 loss than cfg.stage1 ({'; '.join(differ)}): "
+                         f"train() would train the model's and record the config's. Build the model from this "
+                         f"config, or set model.scfg = cfg.stage1 before training.")
 
 
 def _nan_stop(stage, step, values: dict, ckpt_root, why: str = ""):

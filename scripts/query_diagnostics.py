@@ -1,6 +1,7 @@
 """What the main job's Q-Formers do, measured on coco-mini test images (run after `make run`):
 
-    .venv/bin/python scripts/query_diagnostics.py [RUN_DIR]    # default runs/coco-mini, ~2 min
+    .venv/bin/python scripts/query_diagnostics.py [RUN_DIR]    # default runs/coco-mini, ~2 min (after make ablations
+                                                               # too, for the ablations' runs)
 
 Stage 1 (64 images; minblip2/tools/diagnostics.py says what each number means):
 - query-query cos (1.000 = all queries output one vector), image-image cos, image-specific energy;
@@ -50,6 +51,8 @@ stage1("random init (no BERT)", Stage1Model(cfg.qformer, cfg.stage1))
 torch.manual_seed(0)
 stage1("BERT init, untrained", build_stage1_model(cfg)[0])
 for sub in ["stage1", "stage1_no_itg"]:
+    if latest_checkpoint(RUN / sub / "checkpoints") is None:  # stage1_no_itg comes from `make ablations`
+        continue
     m = Stage1Model(cfg.qformer, cfg.stage1)
     load_trainable_state(m, weights(sub))
     stage1(f"trained {sub}", m)
@@ -58,7 +61,7 @@ cfg.stage2.from_stage1 = False  # the weights come from each run's own checkpoin
 model = build_stage2_model(cfg)
 captions = [caps[0] for caps in test.captions[:96]]
 for sub in ["stage2", "stage2_no_stage1", "stage2_no_stage1_bert"]:
-    if latest_checkpoint(RUN / sub / "checkpoints") is None:  # a run from before the BERT start was added
+    if latest_checkpoint(RUN / sub / "checkpoints") is None:  # the no-stage-1 runs come from `make ablations`
         continue
     model.load_trainable_state_dict(weights(sub))
     model.eval()

@@ -285,6 +285,20 @@ def test_compile_is_refused_on_cpu(tmp_path):
     assert not tmp_path.joinpath("checkpoints").exists()
 
 
+def test_a_model_built_with_another_loss_is_refused(tmp_path):
+    """Stage1Model reads its losses from the Stage1Config it was built with: training it under a config that names
+    another loss would train one thing and record another. train() refuses, naming the field; the same recipe with
+    other step counts or learning rates is fine."""
+    cfg = tiny_config(query_sim_weight=1.0)
+    task = tiny_task(tiny_config())  # built with the paper's losses (query_sim_weight 0)
+    with pytest.raises(ValueError, match=r"query_sim_weight: model 0.0, cfg 1.0"):
+        train(cfg, 1, task, progress=False, run_dir=tmp_path)
+    assert not tmp_path.joinpath("checkpoints").exists()
+    task.model.scfg = cfg.stage1  # the fix the message names
+    train(tiny_config(query_sim_weight=1.0, max_steps=2), 1, task, progress=False, run_dir=tmp_path / "ok")
+    assert "loss_qsim" in log(tmp_path / "ok")[0]
+
+
 # ----------------------------------------------------------------------------- 6. schedule and data order
 
 

@@ -99,8 +99,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--ablations", action="store_true",
-                   help="train the ablations (no ITG; stage 2 without stage 1, from a random and from a BERT-initialised "
-                        "Q-Former; a linear projection) instead of the headline model")
+                   help="train the ablations (no ITG; stage 2 without stage 1, from a random and from a "
+                        "BERT-initialised Q-Former; a linear projection) instead of the headline model")
     p.add_argument("--results", default=None, help="where to copy the metrics ('' = don't; default "
                    "results/coco-mini.json, with --ablations results/coco-mini-ablations.json)")
     args, overrides = p.parse_known_args(argv)
