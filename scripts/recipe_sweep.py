@@ -211,9 +211,9 @@ def untrained_layers(seed: int) -> dict:
 COLLAPSE = {"random Q-Former (untrained)": ("layers_untrained/s0", "random"),  # results/query-collapse.png
             "BERT-initialised (untrained)": ("layers_untrained/s0", "bert"),
             "paper's losses, 32 queries, seed 1": ("q32_s1/s1", None),
-            "paper's losses, cpu preset's 16 queries, seed 2": ("preset_s1/s2", None),
+            "paper's losses, 16 queries, seed 2": ("preset_s1/s2", None),
             "+ query similarity of the ITC features, seed 1": ("div1_360_lpft100/s1", None),
-            "+ query similarity of the query outputs, seed 1": ("div1h_s1/s1", None)}
+            "+ query similarity without dropout (the cpu preset), seed 1": ("qsim1_360_lpft100/s1", None)}
 
 
 def run(name: str, seed: int) -> dict:
