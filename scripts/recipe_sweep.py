@@ -277,10 +277,13 @@ def baselines(seed: int = 1337, n_train: int = 0) -> dict:
 
 
 def rerank_on_val(run: str = "main") -> dict:
-    """The ITM re-rank depth on val for a stage-1 run ("main" = the main job's): k = 0 (ITC only), 4, 8, 16, 32."""
+    """The ITM re-rank depth on val for a stage-1 run: k = 0 (ITC only), 4, 8, 16, 32. "main" and "main_qsim1" both
+    read the main job's stage 1: rerank_main/s1337 was measured when the preset had the paper's three losses,
+    rerank_main_qsim1/s1337 after it took the query-similarity term (re-run the one that matches runs/coco-mini)."""
     cfg, device = sweep_base(), torch.device("cpu")
     model, tok = build_stage1_model(cfg)
-    load_trainable_state(model, load_file(str(latest_checkpoint((MAIN_STAGE1 if run == "main" else RUNS / "stage1" / run)
+    main = run in ("main", "main_qsim1")
+    load_trainable_state(model, load_file(str(latest_checkpoint((MAIN_STAGE1 if main else RUNS / "stage1" / run)
                                                                 / "checkpoints") / "model.safetensors")))
     val = TestSplit(cfg, tok, device, split="val")
     res = {}
