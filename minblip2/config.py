@@ -205,8 +205,9 @@ def cpu() -> Config:
     (queries, cross-attention, heads) learn at 1e-3 while the BERT-initialised ones learn 10x slower; the
     cached image features include 6 augmented views per image (without them the Q-Former overfits 480
     images); stage 1 adds a term that keeps an image's query outputs apart (query_sim_weight); stage 2 trains
-    llm_proj alone for its first 100 steps; the frozen LLM is stored in bf16 (autocast would otherwise re-cast its fp32 weights at every
-    token). Attention is written out (attn_impl="math"): faster for CPU training, the same numbers.
+    llm_proj alone for its first 100 steps; the frozen LLM is stored in bf16 (autocast would otherwise re-cast
+    its fp32 weights at every token). Attention is written out (attn_impl="math"): faster for CPU training, the
+    same numbers.
     """
     c = Config()
     c.qformer.num_queries = 16
@@ -221,7 +222,8 @@ def cpu() -> Config:
     # the first 100 stage-2 steps train llm_proj alone, so its random start does not shake the stage-1 Q-Former
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=360, batch_size=16,
                             pretrained_frozen_steps=100, amp="bf16", ckpt_every=50)
-    # ITM re-ranking lowered R@1 at every depth on val (k = 4 ... 32, scripts/recipe_sweep.py rerank_main): ITC alone
+    # ITM re-ranking did not help on val (k = 4 ... 32, scripts/recipe_sweep.py rerank_main, rerank_main_qsim1: TR@1
+    # fell at every depth, IR@1 moved by under a point): ITC alone
     c.eval = EvalConfig(itm_rerank_k=0, num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3)
     c.out_dir = "runs/coco-mini"
     return c

@@ -53,10 +53,11 @@ def query_similarity(queries: torch.Tensor) -> torch.Tensor:
     """The mean cosine between two different query outputs of one image, averaged over the batch (0 if below 0):
     1 when the queries say one thing Q times, about 0 when they say Q different things.
 
-    queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: an
-    experiment (Stage1Config.query_sim_weight, 0 in both presets; README, the recipe search). ITC, ITM and ITG end
-    at the same values whether the queries stay apart or collapse into one vector, and stage 2 needs them apart.
-    Give it queries computed without dropout (Stage1Model does): on a training pass, dropout noise alone can satisfy it.
+    queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: the
+    cpu preset adds it with weight 1 (Stage1Config.query_sim_weight; README, "Deviations"), the paper preset does
+    not. ITC, ITM and ITG end at the same values whether the queries stay apart or collapse into one vector, and
+    stage 2 needs them apart. Give it queries computed without dropout (Stage1Model does): on a training pass,
+    dropout noise alone can satisfy it.
     """
     Q = queries.shape[1]
     if Q < 2:
