@@ -16,7 +16,7 @@ run: data
 	$(PY) -m minblip2.tools.coco_mini
 
 # what each piece is worth, at the main job's stage-2 steps: no ITG, no stage 1 (random / BERT start), a linear
-# projection; writes runs/coco-mini/ and results/coco-mini-ablations.json (~35 min)
+# projection; writes runs/coco-mini/ and results/coco-mini-ablations.json (~30 min)
 ablations: data
 	$(PY) -m minblip2.tools.coco_mini --ablations
 

@@ -1,7 +1,7 @@
 """The main job: stage 1 -> stage 2 -> evaluation on coco-mini, with the baselines, in one command.
 
     python -m minblip2.tools.coco_mini                       # offline defaults (preset "cpu"), <30 min on 2 cores
-    python -m minblip2.tools.coco_mini --ablations           # what each piece is worth (~35 min)
+    python -m minblip2.tools.coco_mini --ablations           # what each piece is worth (~30 min)
     python -m minblip2.tools.coco_mini --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
 
 The main job trains the headline model (stage1/, stage2/) and scores it against the two baselines that need no
