@@ -96,10 +96,11 @@ def test_itc_scores_match_transformers(retrieval_pair):
     assert (got - ref.logits_per_image).abs().max() <= 1e-5
 
 
-def _tiny_model_and_batch(n: int, pad_from: int | None = None):
-    """A tiny eval-mode Stage1Model and n images (9 tokens x 24) with n 8-token captions; row 0 padded from pad_from."""
+def _tiny_model_and_batch(n: int, pad_from: int | None = None, **qformer):
+    """A tiny eval-mode Stage1Model (TINY, with the `qformer` changes) and n images (9 tokens x 24) with n 8-token
+    captions; row 0 padded from pad_from."""
     torch.manual_seed(0)
-    m = Stage1Model(QFormerConfig(**TINY)).eval()
+    m = Stage1Model(QFormerConfig(**{**TINY, **qformer})).eval()
     img = torch.randn(n, 9, 24)
     ids = torch.randint(5, 99, (n, 8))
     att = torch.ones(n, 8, dtype=torch.long)
@@ -351,13 +352,7 @@ def test_query_similarity_is_measured_without_dropout(fast):
     """In training mode the term is computed on a dropout-free pass of the queries: what eval mode (stage 2,
     retrieval) will see. On the training pass itself, dropout noise alone can keep the queries apart. The model is
     left in training mode, with dropout still on for the paper's three losses."""
-    m, img, ids, att = _tiny_model_and_batch(4)
-    m.qcfg.dropout = 0.5
-    for mod in m.qformer.modules():  # a high dropout, so that a pass with it on cannot match by chance
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.5
-        if hasattr(mod, "dropout") and isinstance(mod.dropout, float):
-            mod.dropout = 0.5
+    m, img, ids, att = _tiny_model_and_batch(4, dropout=0.5)  # so high that a pass with it on cannot match by chance
     m.scfg.fast_passes, m.scfg.query_sim_weight = fast, 1.0
     with torch.no_grad():
         clean = losses.query_similarity(m.encode_image(img)[1])  # eval mode: no dropout
