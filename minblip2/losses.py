@@ -1,4 +1,4 @@
-"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG; and query_similarity, an experiment.
+"""The three stage-1 losses: ITC, ITM (with hard negatives) and ITG; and query_similarity, the cpu preset's fourth.
 
 They work on a batch that may be split across processes: similarities are computed against the
 features of the GLOBAL batch (gathered from every process), so in-batch negatives grow with the number
@@ -50,22 +50,37 @@ def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather
 
 
 def query_similarity(queries: torch.Tensor) -> torch.Tensor:
-    """The mean cosine between two different query outputs of one image, averaged over the batch (0 if below 0):
-    1 when the queries say one thing Q times, about 0 when they say Q different things.
+    """How much an image's query outputs say the same thing: the mean SQUARED cosine between two different queries
+    of one image, averaged over the batch. 1 when the Q queries are one vector (or its negative) Q times, 0 when
+    they are orthogonal, ~1/H for random directions in H dimensions.
 
     queries (B, Q, H): the Q-Former's query outputs (what stage 2 hands the LLM). Not one of the paper's losses: the
     cpu preset adds it with weight 1 (Stage1Config.query_sim_weight; README, "Deviations"), the paper preset does
     not. ITC, ITM and ITG end at the same values whether the queries stay apart or collapse into one vector, and
-    stage 2 needs them apart. Give it queries computed without dropout (Stage1Model does): on a training pass,
-    dropout noise alone can satisfy it.
+    stage 2 needs them apart. Why squared, per image: a signed mean cosine can be met without diversity (8 queries
+    at +v and 8 at -v have mean cosine -1/15, two directions, no more), and a batch mean clamped at 0 gives a
+    collapsed image no gradient when the others sit below 0; squared, every image is pushed on its own and +v/-v is
+    counted as the collapse it is. Give it queries computed without dropout (Stage1Model does): on a training pass,
+    dropout noise alone can lower it.
     """
     Q = queries.shape[1]
     if Q < 2:
         return queries.new_zeros(())
     q = F.normalize(queries.float(), dim=-1)
-    g = q @ q.transpose(1, 2)  # (B, Q, Q) cosines
-    off_diagonal = (g.sum(dim=(1, 2)) - g.diagonal(dim1=1, dim2=2).sum(dim=1)) / (Q * (Q - 1))
-    return off_diagonal.mean().clamp_min(0)
+    g = q @ q.transpose(1, 2)  # (B, Q, Q) cosines; the diagonal is 1
+    off_diagonal = (g.pow(2).sum(dim=(1, 2)) - Q) / (Q * (Q - 1))  # (B,): per image
+    return off_diagonal.mean()
+
+
+def query_effective_rank(queries: torch.Tensor) -> torch.Tensor:
+    """The number of directions an image's queries really use, averaged over the batch: exp(entropy) of the
+    normalised singular values of its unit-length query outputs (Roy & Vetterli's effective rank). 1 = one
+    direction (collapse, +v/-v included), Q = Q equally strong orthogonal directions. queries (B, Q, H) -> ()."""
+    q = F.normalize(queries.detach().float(), dim=-1)
+    s = torch.linalg.svdvals(q)  # (B, min(Q, H))
+    p = s / s.sum(dim=1, keepdim=True)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(dim=1)
+    return entropy.exp().mean()
 
 
 @torch.no_grad()

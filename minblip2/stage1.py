@@ -122,9 +122,11 @@ class Stage1Model(nn.Module):
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
         if self.scfg.query_sim_weight:  # not the paper's: pushes the queries apart (losses.query_similarity)
-            loss_qsim = losses.query_similarity(self._queries_without_dropout(img))
+            clean = self._queries_without_dropout(img)
+            loss_qsim = losses.query_similarity(clean)
             total = total + self.scfg.query_sim_weight * loss_qsim
             out["loss_qsim"] = loss_qsim.detach()
+            out["query_erank"] = losses.query_effective_rank(clean)
 
         if "itm" in use:  # bidirectional: queries and text see each other; 3B rows, one third positives
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
@@ -147,6 +149,7 @@ class Stage1Model(nn.Module):
             total = total + loss_itg
             out["loss_itg"] = loss_itg.detach()
 
+        out["temp"] = self.temp.detach()  # logged: it trains (at the fresh weights' lr) and sets ITC's sharpness
         out["loss"] = total
         return out
 
@@ -202,9 +205,11 @@ class Stage1Model(nn.Module):
             total = total + loss_itc
         out["loss_itc"] = loss_itc.detach()
         if self.scfg.query_sim_weight:  # not the paper's: pushes the queries apart (losses.query_similarity)
-            loss_qsim = losses.query_similarity(self._queries_without_dropout(image_kv=image_kv))
+            clean = self._queries_without_dropout(image_kv=image_kv)
+            loss_qsim = losses.query_similarity(clean)
             total = total + self.scfg.query_sim_weight * loss_qsim
             out["loss_qsim"] = loss_qsim.detach()
+            out["query_erank"] = losses.query_effective_rank(clean)  # the honest diagnostic beside it
 
         if "itm" in use:
             neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
@@ -232,6 +237,7 @@ class Stage1Model(nn.Module):
             total = total + loss_itg
             out["loss_itg"] = loss_itg.detach()
 
+        out["temp"] = self.temp.detach()
         out["loss"] = total
         return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import dist
+from . import dist, runtime
 from .backbones import load_bert, load_image_encoder, load_llm
 from .checkpoint import latest_checkpoint
 from .config import Config, TrainConfig
@@ -113,7 +113,7 @@ class ImageTextData:
         data = cls(pairs.captions, pairs.image_ids, pairs.images, pairs.row_of_caption, encoder,
                    skip_bad=d.skip_bad_images, num_workers=workers, prefetch_factor=d.prefetch_factor)
         if cache:
-            kw = dict(device=device, amp="bf16" if device.type == "cpu" else "fp16", num_workers=workers)
+            kw = dict(device=device, amp=runtime.resolve_amp("auto", device), num_workers=workers)
             data.features = cached_features(encoder, cfg.vision, pairs.images, **kw)
             data.views = [cached_features(encoder, cfg.vision, pairs.images, view=v, **kw)
                           for v in range(1, d.augmented_views + 1)]

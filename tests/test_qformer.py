@@ -368,8 +368,7 @@ def test_query_similarity_on_known_cases_and_its_gradient_pushes_queries_apart()
     one = F.normalize(torch.randn(3, 1, 8), dim=-1).expand(3, 4, 8)  # each image: one vector said by 4 queries
     assert torch.allclose(losses.query_similarity(one), torch.tensor(1.0))
     assert losses.query_similarity(torch.eye(4).expand(2, 4, 4)) == 0  # orthogonal queries
-    opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # cosine -1: clamped, nothing to gain by going further
-    assert losses.query_similarity(opposite) == 0 and losses.query_similarity(one[:, :1]) == 0  # one query: 0
+    assert losses.query_similarity(one[:, :1]) == 0  # one query: nothing to compare
     x = torch.randn(2, 4, 8) + 3.0  # alike: every coordinate shares a large offset
     x.requires_grad_(True)
     before = losses.query_similarity(F.normalize(x, dim=-1))
@@ -377,6 +376,31 @@ def test_query_similarity_on_known_cases_and_its_gradient_pushes_queries_apart()
     with torch.no_grad():
         after = losses.query_similarity(F.normalize(x - 0.5 * x.grad / x.grad.norm(), dim=-1))
     assert 0.5 < before < 1 and after < before
+
+
+def test_query_similarity_counts_antipodal_queries_as_the_collapse_they_are():
+    """8 queries at +v and 8 at -v: a signed mean cosine says -1/15 ("apart"), but it is one direction."""
+    v = F.normalize(torch.randn(1, 1, 32), dim=-1)
+    antipodal = torch.cat([v.expand(1, 8, 32), -v.expand(1, 8, 32)], dim=1)  # (1, 16, 32)
+    q = F.normalize(antipodal, dim=-1)
+    signed = ((q @ q.transpose(1, 2)).sum() - 16) / (16 * 15)
+    assert signed < 0  # what the signed statistic saw
+    assert torch.allclose(losses.query_similarity(antipodal), torch.tensor(1.0))  # what the term sees: collapse
+    assert torch.allclose(losses.query_effective_rank(antipodal), torch.tensor(1.0), atol=1e-4)  # one direction
+    assert torch.allclose(losses.query_effective_rank(torch.eye(16).expand(2, 16, 16)), torch.tensor(16.0))
+
+
+def test_query_similarity_pushes_a_collapsed_image_even_when_the_rest_of_the_batch_is_apart():
+    """Per image, not per batch: a clamped batch mean gave a collapsed image no gradient when the others' cosines
+    were negative enough to pull the mean to or below 0."""
+    torch.manual_seed(0)
+    apart = -torch.eye(4)[None].expand(3, 4, 4) + 0.0  # orthogonal queries
+    opposite = torch.tensor([[[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [1.0, 0, 0, 0], [-1.0, 0, 0, 0]]])  # signed mean -1/3
+    collapsed = torch.tensor([[[1.0, 0.1, 0, 0], [1.0, 0, 0.1, 0], [1.0, 0, 0, 0.1], [1.0, 0.1, 0.1, 0]]])
+    batch = torch.cat([apart, opposite, opposite, collapsed]).requires_grad_(True)
+    losses.query_similarity(batch).backward()
+    assert batch.grad[-1].abs().sum() > 1e-3  # the collapsed image is pushed
+    assert batch.grad[0].abs().sum() < 1e-6  # orthogonal queries are left alone
 
 
 def test_query_sim_weight_adds_the_weighted_term_to_the_loss():

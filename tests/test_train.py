@@ -601,3 +601,45 @@ def test_cached_views_cycle_through_every_caption_and_view(monkeypatch):
     for j in idx.tolist():
         assert torch.equal(image_x[j], emb[idx.tolist().index(j)][0])  # the [CLS] of the very tokens trained on
         assert text_x[j, 0] == j % n
+
+
+def test_frozen_phase_computes_no_gradient_for_the_pretrained_weights(tmp_path):
+    """During pretrained_frozen_steps the pretrained weights get no gradient at all (not a gradient with lr 0): no
+    backward through them, nothing of theirs in clip_grad_norm_, no AdamW moments accumulating for the switch."""
+    cfg = tiny_config(max_steps=4, pretrained_frozen_steps=2, weight_decay=0.0, ckpt_every=1)
+    task = tiny_task(cfg)
+    model = task.model
+    model.pretrained_names = {n for n, _ in model.named_parameters() if n.startswith("qformer.layers.0.self_attn")}
+    watched = dict(model.named_parameters())["qformer.layers.0.self_attn.query.weight"]
+    calls = []
+    watched.register_hook(lambda g: calls.append(1))
+    train(cfg, 1, task, resume=False, stop_at=2, progress=False, run_dir=tmp_path)
+    assert calls == []  # autograd never computed its gradient
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=False)["optimizer"]
+    frozen = [i for g in state["param_groups"] if g["pretrained"] for i in g["params"]]
+    fresh = [i for g in state["param_groups"] if not g["pretrained"] for i in g["params"]]
+    assert frozen and fresh
+    assert all(i not in state["state"] for i in frozen)  # AdamW has no moments for them yet
+    assert all(int(state["state"][i]["step"]) == 2 for i in fresh)
+    train(cfg, 1, task, progress=False, run_dir=tmp_path)  # steps 3-4: they train, with fresh moments
+    assert len(calls) == 2
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=False)["optimizer"]
+    assert all(int(state["state"][i]["step"]) == 2 for i in frozen)  # steps 3 and 4 only
+
+
+def test_unfrozen_weights_warm_up_again():
+    from minblip2.train import unfrozen_warmup
+
+    t = TrainConfig(warmup_steps=4, pretrained_frozen_steps=10)
+    assert [unfrozen_warmup(s, t) for s in (0, 9, 10, 11, 13, 50)] == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    assert unfrozen_warmup(0, TrainConfig(warmup_steps=4)) == 1.0  # nothing frozen: no factor
+
+
+def test_temperature_is_logged_and_clamped(tmp_path):
+    """ITC's temperature trains (lr 1e-3, no decay in the cpu preset): log.csv shows it, clamp_temp keeps it in
+    ALBEF's [0.001, 0.5]."""
+    run_dir = run(tmp_path / "clamped", max_steps=2, init_temp=0.9, clamp_temp=True)
+    temps = [float(r["temp"]) for r in log(run_dir)]
+    assert len(temps) == 2 and all(0.001 <= t <= 0.5 for t in temps)
+    free = run(tmp_path / "free", max_steps=2, init_temp=0.9, clamp_temp=False)
+    assert float(log(free)[0]["temp"]) > 0.5

@@ -57,7 +57,7 @@ class TestSplit:
         self.captions = list(recs["captions"])
         encoder = load_image_encoder(cfg.vision).to(device)
         self.features = cached_features(encoder, cfg.vision, self.image_paths, device=device,
-                                        amp="bf16" if device.type == "cpu" else "fp16")
+                                        amp=runtime.resolve_amp("auto", device))
         self.flat_captions = [c for caps in self.captions for c in caps]
         self.text_to_image = torch.tensor([i for i, caps in enumerate(self.captions) for _ in caps])
         tok = tokenize(tokenizer, self.flat_captions, cfg.data.max_text_len)
@@ -108,6 +108,7 @@ def main(argv=None):
     if args.results is None:
         args.results = str(REPO_ROOT / "results" / ("coco-mini-ablations.json" if args.ablations else "coco-mini.json"))
     device = dist.setup(cfg.device)
+    cfg = runtime.resolve_precision(cfg, device)  # "auto" -> this machine's choice, printed and kept in metrics.json
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / ("ablations.json" if args.ablations else "metrics.json")

@@ -81,7 +81,7 @@ def build_on_meta(cfg: Config, stage: int) -> dict:
         if stage == 1:
             out["model"] = Stage1Model(cfg.qformer, cfg.stage1)
         else:
-            llm = build_llm_from_config(hf_config).to(getattr(torch, cfg.llm.dtype))
+            llm = build_llm_from_config(hf_config).to(getattr(torch, "bfloat16" if cfg.llm.dtype == "auto" else cfg.llm.dtype))  # auto: as on a bf16 GPU
             # Stage2Model reads only these ids from its tokenizer (add_bos given, so it tokenizes nothing)
             ids = {k: getattr(hf_config, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
             tok = SimpleNamespace(**{**ids, "eos_token_id": ids["eos_token_id"] or 0})  # any id: counts only
@@ -161,7 +161,7 @@ def estimate_memory(cfg: Config, stage: int, built: dict, b: int, device_type: s
     attention is never fused in training (what the tests measure)."""
     t = cfg.stage1 if stage == 1 else cfg.stage2
     qc, enc, model = cfg.qformer, built["image_encoder"], built["model"]
-    amp = t.amp in ("bf16", "fp16")
+    amp = t.amp in ("bf16", "fp16", "auto")  # auto: bf16 or fp16 on a GPU
     p = 2 if amp else 4  # bytes of one activation
     ckpt = qc.gradient_checkpointing
     N, Dv = enc.num_tokens, enc.num_features  # image tokens and their width
