@@ -10,14 +10,17 @@ validation images (never test): caption CIDEr/BLEU-4 of the stage-2 model; retri
 Stage-1 runs are shared between variants (runs/recipe/stage1/<s1>-s<seed>/). Writes results/recipe-sweep.json.
 """
 import argparse
+import fcntl
 import json
+import os
 import re
+import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
-from minblip2 import config, losses
+from minblip2 import config, losses, runtime
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
 from minblip2.tools.diagnostics import query_cos_by_layer
@@ -52,6 +55,14 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     # training pass, and the main job's run met it with dropout noise)
     "qsim1": ["--stage1.query_sim_weight=1"],
     "cls": ["cls_only"],  # the queries see only DINOv2's [CLS] token, the linear probe's input (a diagnosis)
+    # the shipped stage 1 since the term became the per-image mean SQUARED cosine (qsim1 above: the signed mean of
+    # an earlier version, kept as measured), and the four preset settings re-measured against it (issue 29)
+    "sq1": ["--stage1.query_sim_weight=1"],
+    "sq1_views0": ["--stage1.query_sim_weight=1", "--data.augmented_views=0"],
+    "sq1_cls": ["--stage1.query_sim_weight=1", "--qformer.text_pooling=cls"],
+    "sq1_lr3e4": ["--stage1.query_sim_weight=1", "--stage1.lr=3e-4", "--stage1.pretrained_lr_scale=0.333"],
+    "sq1_bert1": ["--stage1.query_sim_weight=1", "--stage1.pretrained_lr_scale=1.0"],
+    "sq03": ["--stage1.query_sim_weight=0.3"],
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
 # Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
@@ -100,7 +111,11 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "q8_s1": ("q8", 300, ["stage1_only"]), "q32_s1": ("q32", 300, ["stage1_only"]),
     "preset_s1": ("preset", 300, ["stage1_only"]),
     **{f"{s1}_s1": (s1, 300, ["stage1_only"])
-       for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03", "div1h", "qsim1")},
+       for s1 in ("lr3e4", "lr1e4", "bert001", "bertfrozen", "div1", "div03", "div1h", "qsim1", "sq1", "sq1_views0",
+                  "sq1_cls", "sq1_lr3e4", "sq1_bert1", "sq03")},
+    # the cpu preset as shipped: squared query term, llm_proj alone (no gradient for the rest) for 100 steps
+    "sq1_360_lpft100": ("sq1", 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
+    "sq03_360_lpft100": ("sq03", 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -153,6 +168,19 @@ def with_query_div(itc_loss, weight: float, hidden=None):
     return loss
 
 
+def precision_note(cfg) -> str:
+    """What "auto" resolved to for a row (rows before this field ran bf16 autocast and a bf16 LLM on an AMX CPU)."""
+    return f"stage1 {cfg.stage1.amp}, stage2 {cfg.stage2.amp}, llm {cfg.llm.dtype}; {runtime._cpu_name()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def stage1_run(s1: str, steps: int, seed: int):
     """Train (or reuse) a stage-1 run; returns its directory, model and config."""
     over, tw = split_tweaks(S1[s1])
@@ -197,6 +225,18 @@ def layer_rows(model, image_tokens):
     return query_cos_by_layer(model.qformer, model.ln_vision(image_tokens.float()))
 
 
+@torch.no_grad()
+def query_spread(model, image_tokens) -> dict:
+    """What the signed query cosine cannot see (+v/-v looks "apart"): the effective rank of each image's query
+    outputs (1 = one direction, Q = all different) and their mean |cosine|, eval mode, on val images."""
+    model.eval()
+    q = F.normalize(model.encode_image(image_tokens.float())[1], dim=-1)
+    g = (q @ q.transpose(1, 2)).abs()
+    Q = q.shape[1]
+    return {"query_erank": round(losses.query_effective_rank(q).item(), 2),
+            "query_abs_cos": round(((g.sum((1, 2)) - Q) / (Q * (Q - 1))).mean().item(), 3)}
+
+
 def untrained_layers(seed: int) -> dict:
     """query_cos_by_layer of the two untrained starts on val: a random Q-Former and the BERT-initialised one."""
     cfg = sweep_base()
@@ -224,8 +264,9 @@ def run(name: str, seed: int) -> dict:
     shared = [o for o in s1_over if o.startswith("--qformer.")]  # the Q-Former's shape carries over to stage 2
     cfg = apply_overrides(sweep_base(), shared + s2_over)
     cfg.stage2.seed, cfg.stage2.ckpt_every = seed, 10**9
+    cfg = runtime.resolve_precision(cfg, device, log=False)
     res = {"stage1": s1, "stage1_steps": s1_steps, "stage1_recipe": S1.get(s1, []), "stage2_overrides": s2_items,
-           "seed": seed}
+           "seed": seed, "precision": precision_note(cfg), "commit": commit()}
     seed_everything(seed)
     untrained, tok = build_stage1_model(cfg)
     val = TestSplit(cfg, tok, device, split="val")
@@ -240,6 +281,7 @@ def run(name: str, seed: int) -> dict:
         res["retrieval_rerank"], res["retrieval_itc"], _ = stage1_retrieval(s1_model, val, k, device, c1.stage1.amp)
         res["query_cos_by_layer"] = layer_rows(s1_model, val.features[:64])
         res["query_cos"] = res["query_cos_by_layer"][-1]["query_cos"]  # after the last sub-layer: the query outputs
+        res.update(query_spread(s1_model, val.features[:64]))
     if s2_tw.get("stage1_only"):
         return res
     data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
@@ -396,9 +438,13 @@ def main():
             else:
                 res = run(name, seed)
             print(key, json.dumps(res), flush=True)
-            results = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late: variants may run in parallel
-            results[key] = res
-            OUT.write_text(json.dumps(results, indent=1))
+            with open(OUT.with_suffix(".lock"), "w") as lock:  # variants may run in parallel processes
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                results = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late, under the lock
+                results[key] = res
+                tmp = OUT.with_name(f".{OUT.name}.tmp")
+                tmp.write_text(json.dumps(results, indent=1))
+                os.replace(tmp, OUT)
 
 
 if __name__ == "__main__":
