@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from minblip2 import config, losses, runtime
 from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
-from minblip2.tools.diagnostics import query_cos_by_layer
+from minblip2.tools.diagnostics import image_use, query_cos_by_layer
 from minblip2.tools.plots import data_scaling, query_collapse, scaling_points
 from minblip2.config import REPO_ROOT, apply_overrides
 from minblip2.tools.coco_mini import TestSplit, _captions_per_image, generate_captions, linear_probe_retrieval, stage1_retrieval
 from minblip2.qformer import init_bert_weights
 from minblip2.stage1 import Stage1Model
+from minblip2.data import pre_caption
 from minblip2.tasks import ImageTextData, Stage1Task, Stage2Task, build_stage1_model, build_stage2_model
 from minblip2.train import seed_everything, train
 from minblip2.checkpoint import latest_checkpoint, load_trainable_state
@@ -63,6 +64,13 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     "sq1_lr3e4": ["--stage1.query_sim_weight=1", "--stage1.lr=3e-4", "--stage1.pretrained_lr_scale=0.333"],
     "sq1_bert1": ["--stage1.query_sim_weight=1", "--stage1.pretrained_lr_scale=1.0"],
     "sq03": ["--stage1.query_sim_weight=0.3"],
+    # lesson-sized stage 1s (issue 26: about 5 minutes on 2 cores without AMX): the shipped recipe at fewer samples
+    # per step and fewer steps; their VARIANTS below give each a lesson-sized stage 2 (the preset's recipe, shorter)
+    "Lb32": ["--stage1.query_sim_weight=1", "--stage1.warmup_steps=3"],
+    "Lb16": ["--stage1.query_sim_weight=1", "--stage1.batch_size=16", "--stage1.warmup_steps=5"],
+    "Lb8": ["--stage1.query_sim_weight=1", "--stage1.batch_size=8", "--stage1.warmup_steps=10"],
+    "Lb16q8": ["--stage1.query_sim_weight=1", "--stage1.batch_size=16", "--stage1.warmup_steps=5",
+               "--qformer.num_queries=8"],
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
 # Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
@@ -116,6 +124,16 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # the cpu preset as shipped: squared query term, llm_proj alone (no gradient for the rest) for 100 steps
     "sq1_360_lpft100": ("sq1", 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
     "sq03_360_lpft100": ("sq03", 300, ["--stage2.max_steps=360", "--stage2.pretrained_frozen_steps=100"]),
+    # lesson-sized runs: stage 1 ~5 min, stage 2 ~5 min on 2 cores without AMX (fp32); stage 2 keeps the preset's
+    # shares: llm_proj alone for 28% of the steps, warmup ~4%
+    "L32_36_100": ("Lb32", 36, ["--stage2.max_steps=100", "--stage2.pretrained_frozen_steps=28",
+                                "--stage2.warmup_steps=4"]),
+    "L16_72_200": ("Lb16", 72, ["--stage2.max_steps=200", "--stage2.batch_size=8",
+                                "--stage2.pretrained_frozen_steps=56", "--stage2.warmup_steps=8"]),
+    "L8_144_200": ("Lb8", 144, ["--stage2.max_steps=200", "--stage2.batch_size=8",
+                                "--stage2.pretrained_frozen_steps=56", "--stage2.warmup_steps=8"]),
+    "L16q8_80_240": ("Lb16q8", 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
+                                    "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10"]),
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -208,7 +226,9 @@ def stage1_run(s1: str, steps: int, seed: int):
             data = train_data(c, tw.get("n_train"))
             if tw.get("cls_only"):
                 data.features, data.views = data.features[:, :1], [v[:, :1] for v in data.views]
+            t0 = time.time()
             train(c, 1, task=Stage1Task(model, data, tokenizer=tok, max_text_len=c.data.max_text_len), run_dir=run_dir)
+            (run_dir / "seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
         finally:
             losses.itg_loss, losses.itc_loss = itg, itc
             if hook:
@@ -282,6 +302,8 @@ def run(name: str, seed: int) -> dict:
         res["query_cos_by_layer"] = layer_rows(s1_model, val.features[:64])
         res["query_cos"] = res["query_cos_by_layer"][-1]["query_cos"]  # after the last sub-layer: the query outputs
         res.update(query_spread(s1_model, val.features[:64]))
+        if (s1_dir / "seconds.txt").exists():
+            res["stage1_seconds"] = int((s1_dir / "seconds.txt").read_text())
     if s2_tw.get("stage1_only"):
         return res
     data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
@@ -299,6 +321,8 @@ def run(name: str, seed: int) -> dict:
     m = caption_metrics(dict(zip(val.image_ids, preds)), dict(zip(val.image_ids, val.captions)))
     res["val_captions"] = {k: round(v, 2) for k, v in m.items()}
     res["distinct"] = len(set(preds))
+    with runtime.autocast(cfg.stage2.amp, device):  # nats the image is worth: loss(other image) - loss(its image)
+        res["grounding"] = image_use(model, val.features, [pre_caption(c[0]) for c in val.captions])
     res["examples"] = preds[:4]
     return res
 
