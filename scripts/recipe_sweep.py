@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from minblip2 import config, losses, runtime
-from minblip2.tools.baselines import nearest_neighbour_captions, pooled_image_features
+from minblip2.backbones import load_llm
+from minblip2.tools.baselines import LinearProjectionModel, nearest_neighbour_captions, pooled_image_features
 from minblip2.caption_eval import caption_metrics
 from minblip2.tools.diagnostics import image_use, query_cos_by_layer
 from minblip2.tools.plots import data_scaling, query_collapse, scaling_points
@@ -83,7 +84,8 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
 #   stage1_seed=S       (stage 2's list) reuse the stage-1 run of seed S, so only stage 2's seed varies
 #   stage1_only         (stage 2's list) score the stage-1 run's retrieval and stop: no stage 2
 TWEAK_KEYS = ("itg_weight", "query_div", "on_hidden", "query_ffn_fresh", "n_train", "cls_only", "stage1_only",
-              "stage1_seed")
+              "stage1_seed", "projector")
+PROJECTORS = ("linear", "mlp")  # the "projector=K" tweak's stage-2 models: no Q-Former (tools/baselines.py)
 # "main": the stage-1 run of `make run` (the main_* rows used it when the preset had the paper's three losses)
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
@@ -134,6 +136,11 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
                                 "--stage2.pretrained_frozen_steps=56", "--stage2.warmup_steps=8"]),
     "L16q8_80_240": ("Lb16q8", 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
                                     "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10"]),
+    # the bridges without a Q-Former (issue 29): pooled patch tokens -> linear layer / LLaVA-1.5's 2-layer MLP, at
+    # 360 steps like the preset, each at its own learning rate (LLaVA pretrains its projector at 1e-3 to 2e-3)
+    **{f"{k}_lr{lr}": ("none", 0, ["--stage2.max_steps=360", f"--stage2.lr={float(lr.replace('e', 'e-'))}",
+                                   f"projector={k}"])
+       for k in PROJECTORS for lr in ("3e4", "1e3", "3e3")},
 }
 OUT = REPO_ROOT / "results" / "recipe-sweep.json"
 RUNS = REPO_ROOT / "runs" / "recipe"
@@ -154,7 +161,7 @@ def split_tweaks(items: list[str]) -> tuple[list[str], dict]:
         if not i.startswith("--"):
             k, _, v = i.partition("=")
             assert k in TWEAK_KEYS, f"unknown tweak {k!r}"
-            tweaks[k] = float(v) if v else True
+            tweaks[k] = v if k == "projector" else float(v) if v else True
     return over, tweaks
 
 
@@ -292,7 +299,7 @@ def run(name: str, seed: int) -> dict:
     val = TestSplit(cfg, tok, device, split="val")
     if s1 == "main":
         s1_dir = MAIN_STAGE1
-    elif s1 not in ("random", "bert"):
+    elif s1 not in ("random", "bert", "none"):
         s1_dir, s1_model, c1 = stage1_run(s1, s1_steps, int(s2_tw.get("stage1_seed", seed)))
         k = c1.eval.itm_rerank_k
         if s1_tw.get("cls_only"):
@@ -308,8 +315,13 @@ def run(name: str, seed: int) -> dict:
         return res
     data = train_data(cfg, s2_tw.get("n_train") or s1_tw.get("n_train"))
     seed_everything(seed + 1)
-    cfg.stage2.from_stage1 = s1 not in ("random", "bert")
-    model = build_stage2_model(cfg, stage1_dir=s1_dir if cfg.stage2.from_stage1 else None)
+    cfg.stage2.from_stage1 = s1 not in ("random", "bert", "none")
+    if s2_tw.get("projector"):  # no Q-Former at all
+        llm, llm_tok = load_llm(cfg.llm)
+        model = LinearProjectionModel(cfg.qformer, llm, llm_tok, projector=s2_tw["projector"], prompt=cfg.llm.prompt,
+                                      max_text_len=cfg.data.max_text_len)
+    else:
+        model = build_stage2_model(cfg, stage1_dir=s1_dir if cfg.stage2.from_stage1 else None)
     if s1 == "bert":
         model.from_stage1(untrained.state_dict())
     run_dir = RUNS / "stage2" / f"{name}-s{seed}"

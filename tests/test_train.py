@@ -480,10 +480,10 @@ def tiny_llama_and_tokenizer():
     return llm, tok
 
 
-def _linear_projection_model(llm, tok, num_queries):
+def _linear_projection_model(llm, tok, num_queries, projector="linear"):
     q = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_queries=num_queries,
                       vision_width=24, vocab_size=30523, max_position_embeddings=40)
-    return LinearProjectionModel(q, llm, tok, max_text_len=8)
+    return LinearProjectionModel(q, llm, tok, projector=projector, max_text_len=8)
 
 
 def test_linear_projection_baseline(tiny_llama_and_tokenizer):
@@ -500,6 +500,21 @@ def test_linear_projection_baseline(tiny_llama_and_tokenizer):
     loss.backward()
     assert model.llm_proj.weight.grad.abs().sum() > 0  # trains like stage 2 ...
     assert all(p.grad is None for p in model.llm.parameters())  # ... through the frozen LLM
+
+
+def test_mlp_projection_baseline_is_llava_15s_two_layers(tiny_llama_and_tokenizer):
+    llm, tok = tiny_llama_and_tokenizer
+    model = _linear_projection_model(llm, tok, num_queries=16, projector="mlp")
+    first, act, second = model.llm_proj
+    assert (first.in_features, first.out_features, second.out_features) == (24, 32, 32)
+    assert isinstance(act, nn.GELU)
+    img = torch.randn(2, 1 + 16 * 16, 24)
+    x = model.ln_vision(img)[:, 1:].reshape(2, 16, 16, 24)
+    assert torch.allclose(model.visual_prompt(img)[:, 0], second(F.gelu(first(x[:, :4, :4].mean((1, 2))))), atol=1e-5)
+    model(img, ["a red square", "two cats"])["loss"].backward()
+    assert first.weight.grad.abs().sum() > 0 and second.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="projector must be"):
+        _linear_projection_model(llm, tok, num_queries=16, projector="conv")
 
 
 def test_linear_projection_baseline_non_square_queries(tiny_llama_and_tokenizer):

@@ -4,7 +4,8 @@
   two learned linear projections, the same contrastive loss on the same data.
 - nearest_neighbour_captions (captioning): copy a caption of the most similar training image.
 - LinearProjectionModel (captioning): no Q-Former -- frozen image tokens, pooled to as many tokens as
-  there are queries, linearly projected into the frozen LLM and trained exactly like stage 2.
+  there are queries, projected into the frozen LLM by one linear layer or LLaVA-1.5's 2-layer MLP, and trained
+  like stage 2 (at a learning rate of its own).
 """
 from __future__ import annotations
 
@@ -117,12 +118,21 @@ def nearest_neighbour_captions(train_x, train_captions: list[list[str]], test_x)
 
 class LinearProjectionModel(FrozenLLMCaptioner):
     """Stage 2 without a Q-Former: LayerNorm, the patch grid average-pooled to exactly `num_queries` tokens,
-    then one linear layer into the LLM. Same soft-prompt length, same LLM, same training."""
+    then a projection into the LLM. Same soft-prompt length, same LLM, same training.
 
-    def __init__(self, qcfg, llm, tokenizer, **kw):
+    projector "linear": one linear layer (LLaVA's first projector); "mlp": Linear -> GELU -> Linear, both as wide
+    as the LLM (LLaVA-1.5's mlp2x_gelu). Both are fresh: their learning rate is chosen on val (README)."""
+
+    def __init__(self, qcfg, llm, tokenizer, projector: str = "linear", **kw):
         super().__init__(llm, tokenizer, **kw)
+        width = llm.get_input_embeddings().embedding_dim
         self.ln_vision = nn.LayerNorm(qcfg.vision_width)
-        self.llm_proj = nn.Linear(qcfg.vision_width, llm.get_input_embeddings().embedding_dim)
+        if projector == "linear":
+            self.llm_proj = nn.Linear(qcfg.vision_width, width)
+        elif projector == "mlp":
+            self.llm_proj = nn.Sequential(nn.Linear(qcfg.vision_width, width), nn.GELU(), nn.Linear(width, width))
+        else:
+            raise ValueError(f"projector must be 'linear' or 'mlp', not {projector!r}")
         self.num_tokens = qcfg.num_queries
 
     def visual_prompt(self, image_embeds):
