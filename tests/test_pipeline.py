@@ -1,4 +1,4 @@
-"""Using a trained run: the Python API (minblip2.apps.pipeline), `python -m minblip2.apps.caption`, `python -m minblip2.apps.search`
+"""Using a trained run: the Python API (minblip2.apps.pipeline), `minblip2-caption`, `minblip2-search` (`python -m minblip2.apps.caption` / `.search`)
 and their answers to bad input, on a run trained for a few steps here.
 
 The tiny run: 8 drawn images (a coloured square or circle on grey) with 2 captions each; a random 12-layer
