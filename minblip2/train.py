@@ -293,7 +293,8 @@ def _write_log(path: Path, rows: list[dict]):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="minblip2-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="minblip2-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--preset", default="cpu", help="cpu | paper | gpu24")
     p.add_argument("--init_from", default="", help="stage 2: the stage-1 run directory (default: <out_dir>/stage1)")

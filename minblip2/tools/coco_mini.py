@@ -97,7 +97,8 @@ def generate_captions(model, features, batch_size: int, num_beams: int, max_new_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="minblip2-coco-mini", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="minblip2-coco-mini", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--ablations", action="store_true",
                    help="train the ablations (no ITG; stage 2 without stage 1, from a random and from a "
