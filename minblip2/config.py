@@ -262,7 +262,7 @@ def paper() -> Config:
 def gpu24() -> Config:
     """One 24 GB GPU: the paper's encoder and Q-Former, OPT-2.7B in fp16, small micro-batches + accumulation
     and gradient checkpointing to stay under 24 GB. Global batch 256 in both stages, but ITC/ITM see only the
-    32 pairs of a micro-batch as negatives (the paper: 1680): the README's "Scaling up" says what to do about it."""
+    32 pairs of a micro-batch as negatives (the paper: 1680): docs/scaling.md says what to do about it."""
     c = paper()
     c.qformer.gradient_checkpointing = True
     c.stage1.batch_size, c.stage1.grad_accum = 32, 8

@@ -127,7 +127,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     if stage == 1 and t.grad_accum > 1 and dist.is_master():
         print(f"stage 1: ITC and ITM contrast each pair with the {t.batch_size * dist.world_size()} pairs of one "
               f"micro-batch x {dist.world_size()} process(es), not with the global batch of {global_batch} "
-              f"(grad_accum={t.grad_accum} splits it); see the README, 'Scaling up'")
+              f"(grad_accum={t.grad_accum} splits it); see docs/scaling.md, 'Negatives come from one micro-batch'")
     end = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
     batches = task.batches(start, end, t, device)  # this process's micro-batches, step by step (tasks.py: a DataLoader)
     model.train()
