@@ -12,6 +12,7 @@ data: setup
 	  || $(PY) data/download_coco_mini.py --out data/coco-mini
 
 # the main job: stage 1 -> stage 2 -> evaluation, writes runs/coco-mini/ and results/coco-mini.json
+# (the command minblip2-coco-mini; the module form also works in a .venv set up before the commands existed)
 run: data
 	$(PY) -m minblip2.tools.coco_mini
 

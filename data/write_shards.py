@@ -2,7 +2,7 @@
 
     python data/write_shards.py --out /data/coco-shards --split train --shards 64      # MINBLIP2_DATA / --root
     python data/write_shards.py --out shards/ --source my_folder --shards 8              # folder + metadata.jsonl
-    python -m minblip2.train --stage 1 --data.source=/data/coco-shards --data.streaming=True --stage1.cache_features=False
+    minblip2-train --stage 1 --data.source=/data/coco-shards --data.streaming=True --stage1.cache_features=False
 
 One row per image: image (the encoded file's bytes, a `datasets.Image` column), captions (a list of strings),
 image_id. The reader (minblip2/streaming.py) expands each row into one sample per caption. Images are dealt

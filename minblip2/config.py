@@ -13,7 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+_CHECKOUT = Path(__file__).resolve().parent.parent
+# The project directory: the git checkout minblip2 runs from (make's editable install), or, for an installed wheel
+# (`pip install .`), the current directory. Data (default_data_root) and results/ are looked up from it.
+REPO_ROOT = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path.cwd()
 
 
 @dataclass
@@ -259,7 +262,7 @@ def paper() -> Config:
 def gpu24() -> Config:
     """One 24 GB GPU: the paper's encoder and Q-Former, OPT-2.7B in fp16, small micro-batches + accumulation
     and gradient checkpointing to stay under 24 GB. Global batch 256 in both stages, but ITC/ITM see only the
-    32 pairs of a micro-batch as negatives (the paper: 1680): the README's "Scaling up" says what to do about it."""
+    32 pairs of a micro-batch as negatives (the paper: 1680): docs/scaling.md says what to do about it."""
     c = paper()
     c.qformer.gradient_checkpointing = True
     c.stage1.batch_size, c.stage1.grad_accum = 32, 8
@@ -393,7 +396,7 @@ def config_from_command_line(preset: str, overrides: list[str]) -> Config:
 
 
 def default_data_root() -> Path:
-    """$MINBLIP2_DATA, else ../shared/coco-mini beside the repo (this workplace), else data/coco-mini."""
+    """$MINBLIP2_DATA, else ../shared/coco-mini beside REPO_ROOT (this workplace), else REPO_ROOT/data/coco-mini."""
     env = os.environ.get("MINBLIP2_DATA")
     if env:
         return Path(env)

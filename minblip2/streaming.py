@@ -1,7 +1,7 @@
 """Training on data that does not fit in RAM: a stream of (image, caption) records read from parquet shards.
 
     python data/write_shards.py --out /data/coco-shards --split train --shards 64   # or your own shards
-    python -m minblip2.train --stage 1 --data.source=/data/coco-shards --data.streaming=True ...
+    minblip2-train --stage 1 --data.source=/data/coco-shards --data.streaming=True ...
 
 Each process reads its own shards (`datasets.distributed.split_dataset_by_node`: disjoint data per rank),
 through a seeded shuffle buffer (`IterableDataset.shuffle`, a new order every epoch), and cuts the stream into

@@ -248,7 +248,7 @@ def build_stage2_model(cfg: Config, stage1_dir: str | Path | None = None):
         if ckpt is None:
             raise FileNotFoundError(
                 f"stage 2 starts from a stage-1 checkpoint, but {stage1_dir}/checkpoints has none. Train stage 1 "
-                f"first (python -m minblip2.train --stage 1), pass --init_from=RUN/stage1, or train from a random "
+                f"first (minblip2-train --stage 1), pass --init_from=RUN/stage1, or train from a random "
                 f"Q-Former with --stage2.from_stage1=False")
         model.from_stage1(load_file(str(ckpt / "model.safetensors")))
     return model

@@ -1,9 +1,11 @@
 """Train stage 1 (Q-Former, frozen image encoder) or stage 2 (Q-Former -> frozen LLM) with the same loop.
 
-On a laptop:      python -m minblip2.train --stage 1 --preset cpu
+On a laptop:      minblip2-train --stage 1 --preset cpu --out_dir=runs/mine
+                  minblip2-train --stage 2 --preset cpu --out_dir=runs/mine     (starts from runs/mine/stage1)
 On 8 GPUs:        torchrun --standalone --nproc_per_node=8 -m minblip2.train --stage 1 --preset paper
 Any field:        ... --stage1.lr=3e-4 --qformer.num_queries=32 --out_dir=runs/mine
 What would run:   ... --dry_run   (parameter counts and a GPU memory estimate; nothing downloaded, no training)
+(`minblip2-train` is `python -m minblip2.train`; torchrun takes the module.)
 
 The recipe is BLIP-2's: AdamW (0.9, 0.98), weight decay 0.05 on matrices, linear warmup then cosine
 decay, gradient clipping, optional bf16/fp16 autocast. Checkpoints hold the trainable weights
@@ -125,7 +127,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     if stage == 1 and t.grad_accum > 1 and dist.is_master():
         print(f"stage 1: ITC and ITM contrast each pair with the {t.batch_size * dist.world_size()} pairs of one "
               f"micro-batch x {dist.world_size()} process(es), not with the global batch of {global_batch} "
-              f"(grad_accum={t.grad_accum} splits it); see the README, 'Scaling up'")
+              f"(grad_accum={t.grad_accum} splits it); see docs/scaling.md, 'Negatives come from one micro-batch'")
     end = min(t.max_steps, stop_at) if stop_at is not None else t.max_steps
     batches = task.batches(start, end, t, device)  # this process's micro-batches, step by step (tasks.py: a DataLoader)
     model.train()
@@ -291,7 +293,8 @@ def _write_log(path: Path, rows: list[dict]):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="minblip2-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2), required=True)
     p.add_argument("--preset", default="cpu", help="cpu | paper | gpu24")
     p.add_argument("--init_from", default="", help="stage 2: the stage-1 run directory (default: <out_dir>/stage1)")

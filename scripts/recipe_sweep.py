@@ -5,7 +5,7 @@ Q-Former, or "random") + stage 2 with some overrides, trained on the 480 trainin
 validation images (never test): caption CIDEr/BLEU-4 of the stage-2 model; retrieval R@K of the stage-1 run.
 
     .venv/bin/python scripts/recipe_sweep.py NAME [NAME ...] [--seeds 0,1]
-    .venv/bin/python scripts/recipe_sweep.py --table --plot     (README's tables; results/data-scaling.png)
+    .venv/bin/python scripts/recipe_sweep.py --table --plot     (docs/recipe.md's tables; results/data-scaling.png)
 
 Stage-1 runs are shared between variants (runs/recipe/stage1/<s1>-s<seed>/). Writes results/recipe-sweep.json.
 """
@@ -375,7 +375,7 @@ def _r1(r) -> str:
 
 
 def table() -> str:
-    """The README's tables, from results/recipe-sweep.json: stage-2 CIDEr per variant (mean and spread over the
+    """docs/recipe.md's tables, from results/recipe-sweep.json: stage-2 CIDEr per variant (mean and spread over the
     seeds run), the stage-1 runs' val retrieval (ITC), and the data-scaling curve."""
     d = json.loads(OUT.read_text())
     runs = {}
@@ -426,7 +426,7 @@ def table() -> str:
             recipe = " ".join(S1[name.removesuffix("_s1")]) or "cpu preset"
             out.append(f"| {name} | {recipe} | {', '.join(f'{_r1(r)} (s{sd})' for r, sd in zip(rs, sorted(seeds)))} | "
                        f"{_r1(mean)} | {mean['TR@5']:.1f} / {mean['IR@5']:.1f} | {', '.join(map(str, cos))} |")
-    pts = scaling_points(d)  # the curve of the README's plot (results/data-scaling.png, `--plot`)
+    pts = scaling_points(d)  # the curve of docs/recipe.md's plot (results/data-scaling.png, `--plot`)
 
     def cell(metric, method, n):
         """The mean over seeds; with several seeds, each seed's value after it."""
@@ -447,7 +447,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("names", nargs="*")
     p.add_argument("--seeds", default="1337")
-    p.add_argument("--table", action="store_true", help="print the README's tables from results/recipe-sweep.json")
+    p.add_argument("--table", action="store_true", help="print docs/recipe.md's tables from results/recipe-sweep.json")
     p.add_argument("--plot", action="store_true", help="draw results/data-scaling.png and results/query-collapse.png")
     a = p.parse_args()
     if a.table or a.plot:

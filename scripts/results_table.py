@@ -1,4 +1,4 @@
-"""Print README's results tables (markdown) from the metrics files of `python -m minblip2.tools.coco_mini` (the main
+"""Print README's results tables (markdown) from the metrics files of `minblip2-coco-mini` (the main
 job) and of `... --ablations`, when there is one:  python scripts/results_table.py [MAIN.json [ABLATIONS.json]]"""
 import json
 import sys

@@ -1,4 +1,4 @@
-"""The stage-1 measurements behind the cpu preset's choices (README, "Deviations"): short stage-1 runs on
+"""The stage-1 measurements behind the cpu preset's choices (docs/deviations.md): short stage-1 runs on
 coco-mini that differ in one setting, each scored on the test split (ITC ranking and, with ITM, re-ranking).
 
     .venv/bin/python scripts/stage1_sweep.py                 # all variants, ~40 min on 2 cores

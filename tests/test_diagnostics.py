@@ -1,4 +1,4 @@
-"""The diagnostics behind README's "why" (minblip2/tools/diagnostics.py): each on a case whose answer is known."""
+"""The diagnostics behind docs/recipe.md's "why" (minblip2/tools/diagnostics.py): each on a case whose answer is known."""
 import math
 
 import torch

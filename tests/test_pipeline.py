@@ -1,5 +1,5 @@
-"""Using a trained run: the Python API (minblip2.apps.pipeline), `python -m minblip2.apps.caption`, `python -m minblip2.apps.search`
-and their answers to bad input, on a run trained for a few steps here.
+"""Using a trained run: the Python API (minblip2.apps.pipeline), the commands `minblip2-caption` and `minblip2-search`
+(`python -m minblip2.apps.caption` / `.search`) and their answers to bad input, on a run trained for a few steps here.
 
 The tiny run: 8 drawn images (a coloured square or circle on grey) with 2 captions each; a random 12-layer
 ViT-Tiny at 32 px (5 tokens of 192), a 2-layer 32-wide Q-Former with 4 queries, and a 2-layer 32-wide Llama saved

@@ -1,10 +1,11 @@
 """Caption your own images, or ask about them, with a trained run (its stage 2 and frozen LLM).
 
-    python -m minblip2.apps.caption runs/coco-mini photo.jpg                      # the run's decoding (beam search)
-    python -m minblip2.apps.caption runs/coco-mini photo.jpg other.png --greedy
-    python -m minblip2.apps.caption runs/coco-mini photos/ --num_beams 5           # a folder: every image in it
-    python -m minblip2.apps.caption runs/coco-mini photo.jpg --question "What is the dog lying on?"
-    python -m minblip2.apps.caption runs/coco-mini photo.jpg --prompt "a painting of"
+    minblip2-caption runs/coco-mini photo.jpg                      # the run's decoding (beam search)
+    minblip2-caption runs/coco-mini photo.jpg other.png --greedy
+    minblip2-caption runs/coco-mini photos/ --num_beams 5           # a folder: every image in it
+    minblip2-caption runs/coco-mini photo.jpg --question "What is the dog lying on?"
+    minblip2-caption runs/coco-mini photo.jpg --prompt "a painting of"
+(`minblip2-caption` is `python -m minblip2.apps.caption`.)
 
 Prints one line per image: its path, a tab, the caption (or answer). A named file that is not an image stops with
 an error; files in a folder that are not images are skipped and counted. Errors are one line, exit status 2.
@@ -93,9 +94,9 @@ def run_cli(fn, argv):
 
 
 def _caption(argv):
-    p = argparse.ArgumentParser(prog="python -m minblip2.apps.caption", description=__doc__,
+    p = argparse.ArgumentParser(prog="minblip2-caption", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (python -m minblip2.tools.coco_mini / minblip2.train --stage 2)")
+    p.add_argument("run_dir", help="a run directory (minblip2-coco-mini / minblip2-train --stage 2)")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     ask = p.add_mutually_exclusive_group()
     ask.add_argument("--prompt", help="the text after the visual prompt (default: the one the run trained with)")

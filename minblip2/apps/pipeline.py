@@ -6,11 +6,11 @@
     blip.answer("photo.jpg", "What is the dog lying on?")
     blip.search("a dog on a couch", ["a.jpg", "b.jpg", "c.jpg"], k=2)   # -> [Hit(index, score, itc, itm), ...]
 
-A run directory is what `python -m minblip2.tools.coco_mini` writes (stage1/ and stage2/ inside) or `python -m minblip2.train
---stage N --out_dir=DIR` writes (DIR/stageN/); a stage directory or one ckpt-* directory works too. Stage 2 (with
+A run directory is what `minblip2-coco-mini` writes (stage1/ and stage2/ inside) or `minblip2-train --stage N
+--out_dir=DIR` writes (DIR/stageN/); a stage directory or one ckpt-* directory works too. Stage 2 (with
 its frozen LLM) captions and answers; stage 1 embeds and searches. Images are paths or PIL images; one image (or
 text) in gives one result out, a list gives a list. `from_pretrained_blip2(name)` builds the same object from the
-released BLIP-2 weights (convert.py). The command lines are `python -m minblip2.apps.caption` and `minblip2.apps.search`.
+released BLIP-2 weights (convert.py). The command lines are `minblip2-caption` and `minblip2-search`.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class Blip2:
         if getattr(self, part) is None:
             stage, does = (1, "embeddings and search") if part == "retriever" else (2, "captions and answers")
             raise RunError(f"{self.source} has no stage-{stage} checkpoint: {does} need one (train it with "
-                           f"python -m minblip2.train --stage {stage} --out_dir=...)")
+                           f"minblip2-train --stage {stage} --out_dir=...)")
         return getattr(self, part)
 
     def _batches(self, items: list, progress: bool, desc: str):
@@ -218,16 +218,16 @@ def find_checkpoints(run_dir) -> dict[int, Path]:
 
     run = Path(run_dir)
     if not run.is_dir():
-        raise RunError(f"{run} is not a directory: give a run directory written by python -m minblip2.tools.coco_mini "
-                       f"or python -m minblip2.train")
+        raise RunError(f"{run} is not a directory: give a run directory written by minblip2-coco-mini "
+                       f"or minblip2-train")
     found = {}
     for d in (run / "stage1", run / "stage2", run):
         ckpt = d if (d / "model.safetensors").is_file() else latest_checkpoint(d / "checkpoints")
         if ckpt is not None:
             found.setdefault(_stage_of(ckpt), ckpt)
     if not found:
-        raise RunError(f"no checkpoint in {run}: expected stage1/ or stage2/ with checkpoints/latest (python -m "
-                       f"minblip2.tools.coco_mini, or python -m minblip2.train --stage N --out_dir={run}), or checkpoints/latest")
+        raise RunError(f"no checkpoint in {run}: expected stage1/ or stage2/ with checkpoints/latest ("
+                       f"minblip2-coco-mini, or minblip2-train --stage N --out_dir={run}), or checkpoints/latest")
     return found
 
 
@@ -279,7 +279,7 @@ def load(run_dir, stages=None, device: str = "auto", batch_size: int = 16, amp: 
         if s not in found:
             what = "search needs stage 1" if s == 1 else "captions and answers need stage 2"
             raise RunError(f"{run_dir} has no stage-{s} checkpoint ({what}); it has stage "
-                           f"{', '.join(map(str, sorted(found)))}. Train it with python -m minblip2.train --stage {s}")
+                           f"{', '.join(map(str, sorted(found)))}. Train it with minblip2-train --stage {s}")
     dev = _device(device)
     blip = Blip2(device=dev, batch_size=batch_size, amp=amp, source=str(run_dir))
     for s in sorted(stages or found):

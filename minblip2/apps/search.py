@@ -1,7 +1,8 @@
 """Search a folder of images by text with a trained run (its stage-1 Q-Former).
 
-    python -m minblip2.apps.search runs/coco-mini --images ~/photos "a dog on a couch"
-    python -m minblip2.apps.search runs/coco-mini --images ~/photos "a dog on a couch" "a red bus" -k 10 --rerank 20
+    minblip2-search runs/coco-mini --images ~/photos "a dog on a couch"
+    minblip2-search runs/coco-mini --images ~/photos "a dog on a couch" "a red bus" -k 10 --rerank 20
+(`minblip2-search` is `python -m minblip2.apps.search`.)
 
 Prints, for each query, the k best images with their scores: ITC (cosine similarity, max over the image's
 queries), or with --rerank N the ITC top N re-scored by the ITM head (score = P(match) + ITC). The folder's image
@@ -106,9 +107,9 @@ def index_folder(blip, folder, cache: Path | None = None, progress: bool = True)
 
 
 def _search(argv):
-    p = argparse.ArgumentParser(prog="python -m minblip2.apps.search", description=__doc__,
+    p = argparse.ArgumentParser(prog="minblip2-search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory with a stage-1 checkpoint (python -m minblip2.tools.coco_mini / train)")
+    p.add_argument("run_dir", help="a run directory with a stage-1 checkpoint (minblip2-coco-mini / minblip2-train)")
     p.add_argument("queries", nargs="+", help="what to look for, one or more texts")
     p.add_argument("--images", required=True, help="the folder of images to search (sub-folders included)")
     p.add_argument("-k", type=int, default=5, help="results per query (default 5)")

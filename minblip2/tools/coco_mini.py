@@ -1,8 +1,9 @@
 """The main job: stage 1 -> stage 2 -> evaluation on coco-mini, with the baselines, in one command.
 
-    python -m minblip2.tools.coco_mini                       # offline defaults (preset "cpu"), <30 min on 2 cores
-    python -m minblip2.tools.coco_mini --ablations           # what each piece is worth (~30 min)
-    python -m minblip2.tools.coco_mini --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick
+    minblip2-coco-mini                       # offline defaults (preset "cpu"): what `make run` runs
+    minblip2-coco-mini --ablations           # what each piece is worth (~30 min): `make ablations`
+    minblip2-coco-mini --stage1.max_steps=50 --stage2.max_steps=20 --out_dir=runs/quick --results=''
+(`minblip2-coco-mini` is `python -m minblip2.tools.coco_mini`.)
 
 The main job trains the headline model (stage1/, stage2/) and scores it against the two baselines that need no
 training of ours: the linear probe (retrieval) and the nearest-neighbour caption. It writes metrics.json,
@@ -96,7 +97,8 @@ def generate_captions(model, features, batch_size: int, num_beams: int, max_new_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="minblip2-coco-mini", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu")
     p.add_argument("--ablations", action="store_true",
                    help="train the ablations (no ITG; stage 2 without stage 1, from a random and from a "
@@ -112,7 +114,7 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / ("ablations.json" if args.ablations else "metrics.json")
-    command = "python -m minblip2.tools.coco_mini" + (" --ablations" if args.ablations else "")
+    command = "minblip2-coco-mini" + (" --ablations" if args.ablations else "")
     timings, t_start = {}, time.time()
 
     def tick(name, t0):

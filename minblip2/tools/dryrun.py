@@ -1,8 +1,8 @@
 """Dry run: build a preset's models on the meta device -- shapes only, nothing downloaded, no memory -- and
 report what would train, what stays frozen, and an ESTIMATE of the GPU memory one micro-batch needs.
 
-    python -m minblip2.train --stage 1 --preset paper --dry_run
-    python -m minblip2.train --stage 2 --preset gpu24 --dry_run --stage2.batch_size=8 --llm.name=google/flan-t5-xl \\
+    minblip2-train --stage 1 --preset paper --dry_run
+    minblip2-train --stage 2 --preset gpu24 --dry_run --stage2.batch_size=8 --llm.name=google/flan-t5-xl \\
         --llm.dtype=bfloat16 --stage2.amp=bf16
 
     from minblip2.tools.dryrun import dry_run, format_report
