@@ -149,7 +149,8 @@ class Stage1Model(nn.Module):
             total = total + loss_itg
             out["loss_itg"] = loss_itg.detach()
 
-        out["temp"] = self.temp.detach()  # logged: it trains (at the fresh weights' lr) and sets ITC's sharpness
+        out["temp"] = self.temp.detach().clone()  # logged: it trains (at the fresh weights' lr) and sets ITC's sharpness;
+        # a copy: detach() alone shares the parameter's storage, and the optimizer step would change the logged value
         out["loss"] = total
         return out
 
@@ -237,7 +238,7 @@ class Stage1Model(nn.Module):
             total = total + loss_itg
             out["loss_itg"] = loss_itg.detach()
 
-        out["temp"] = self.temp.detach()
+        out["temp"] = self.temp.detach().clone()  # the value this step used (see forward)
         out["loss"] = total
         return out
 

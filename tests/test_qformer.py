@@ -411,3 +411,14 @@ def test_query_sim_weight_adds_the_weighted_term_to_the_loss():
     out = m(img, ids, att, None, gen())
     assert "loss_qsim" not in base and 0 < out["loss_qsim"] <= 1
     assert torch.allclose(out["loss"], base["loss"] + 2.0 * out["loss_qsim"], atol=1e-6)
+
+
+def test_logged_temperature_is_the_value_the_step_used():
+    """out["temp"] is read after the optimizer step (train() logs it, lesson 5 recomputes the log by hand): it must be
+    a copy, not a view of the parameter that the step then changes."""
+    m, img, ids, att = _tiny_model_and_batch(4)
+    out = m.train()(img, ids, att, image_ids=torch.arange(4), generator=torch.Generator().manual_seed(0))
+    used = m.temp.item()
+    with torch.no_grad():
+        m.temp.add_(0.01)  # what an optimizer step does to it
+    assert out["temp"].item() == used

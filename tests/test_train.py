@@ -656,5 +656,6 @@ def test_temperature_is_logged_and_clamped(tmp_path):
     run_dir = run(tmp_path / "clamped", max_steps=2, init_temp=0.9, clamp_temp=True)
     temps = [float(r["temp"]) for r in log(run_dir)]
     assert len(temps) == 2 and all(0.001 <= t <= 0.5 for t in temps)
+    assert temps[0] == 0.5, "step 1 logs the temperature its loss used (clamped), not the one after the update"
     free = run(tmp_path / "free", max_steps=2, init_temp=0.9, clamp_temp=False)
     assert float(log(free)[0]["temp"]) > 0.5
