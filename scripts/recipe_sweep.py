@@ -143,6 +143,10 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "L16q8v0_80_240": ("Lb16q8v0", 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
                                         "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
                                         "--data.augmented_views=0"]),
+    # the same stage 2 from a random Q-Former: the paper's Figure 5 ablation at the lesson's scale (lesson 6)
+    "Lrand8v0_240": ("random", 0, ["--stage2.max_steps=240", "--stage2.batch_size=8",
+                                   "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
+                                   "--data.augmented_views=0", "--qformer.num_queries=8"]),
     "L16_72_400b4": ("Lb16", 72, ["--stage2.max_steps=400", "--stage2.batch_size=4",
                                   "--stage2.pretrained_frozen_steps=111", "--stage2.warmup_steps=16"]),
     # the bridges without a Q-Former (issue 29): pooled patch tokens -> linear layer / LLaVA-1.5's 2-layer MLP, at
