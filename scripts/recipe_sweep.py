@@ -76,6 +76,12 @@ S1 = {  # stage-1 recipes: overrides of the cpu preset (--qformer.* ones apply t
     # a first run then encodes 480 images once instead of 7 times
     "Lb16q8v0": ["--stage1.query_sim_weight=1", "--stage1.batch_size=16", "--stage1.warmup_steps=5",
                  "--qformer.num_queries=8", "--data.augmented_views=0"],
+    # the lesson recipe collapsed its queries at 1 seed of 3 (step 8, at the peak lr, gradient norm ~95; then
+    # stuck at one vector, where the squared term has no gradient): a longer warmup, or a heavier term
+    "Lb16q8v0w15": ["--stage1.query_sim_weight=1", "--stage1.batch_size=16", "--stage1.warmup_steps=15",
+                    "--qformer.num_queries=8", "--data.augmented_views=0"],
+    "Lb16q8v0qs3": ["--stage1.query_sim_weight=3", "--stage1.batch_size=16", "--stage1.warmup_steps=5",
+                    "--qformer.num_queries=8", "--data.augmented_views=0"],
     "n60": ["n_train=60"], "n120": ["n_train=120"], "n240": ["n_train=240"],  # the data-scaling curve
 }
 # Tweaks that are not config fields (kept out of the package unless a measurement here earns them a place):
@@ -147,6 +153,12 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     "Lrand8v0_240": ("random", 0, ["--stage2.max_steps=240", "--stage2.batch_size=8",
                                    "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
                                    "--data.augmented_views=0", "--qformer.num_queries=8"]),
+    **{f"{k}_s1": (s1, 80, ["stage1_only"]) for k, s1 in (("Lv0", "Lb16q8v0"), ("Lw15", "Lb16q8v0w15"),
+                                                          ("Lqs3", "Lb16q8v0qs3"))},
+    **{f"{k}_80_240": (s1, 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
+                                "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
+                                "--data.augmented_views=0"]) for k, s1 in (("Lw15", "Lb16q8v0w15"),
+                                                                            ("Lqs3", "Lb16q8v0qs3"))},
     "L16_72_400b4": ("Lb16", 72, ["--stage2.max_steps=400", "--stage2.batch_size=4",
                                   "--stage2.pretrained_frozen_steps=111", "--stage2.warmup_steps=16"]),
     # the bridges without a Q-Former (issue 29): pooled patch tokens -> linear layer / LLaVA-1.5's 2-layer MLP, at
@@ -387,6 +399,31 @@ def _r1(r) -> str:
     return f"{r['TR@1']:.1f} / {r['IR@1']:.1f}" if r else ""
 
 
+LESSON_RECIPES = (("Lv0", "L16q8v0_80_240", "preset's term weight 1, warmup 5"),
+                  ("Lw15", "Lw15_80_240", "weight 1, warmup 15"),
+                  ("Lqs3", "Lqs3_80_240", "weight 3, warmup 5"))
+
+
+def lesson_table() -> str:
+    """docs/recipe.md's table of the course's short recipe (lessons 5 and 6: stage 1 80 x 16 with 8 queries and no
+    augmented views, stage 2 240 x 8), per seed: the stage-1 queries' effective rank (of 8) and val TR@1 / IR@1,
+    then stage 2's val CIDEr, distinct captions (of 70) and grounding gap; the random-start row beside them."""
+    d = json.loads(OUT.read_text())
+    rows = ["| recipe (val) | seed | query effective rank | TR@1 / IR@1 | CIDEr | distinct captions | grounding gap |",
+            "|---|---:|---:|---|---:|---:|---:|"]
+    for s1_key, s2_key, label in LESSON_RECIPES + (("", "Lrand8v0_240", "random Q-Former (no stage 1)"),):
+        seeds = sorted({int(k.rpartition("/s")[2]) for k in d if k.split("/")[0] in (f"{s1_key}_s1", s2_key)})
+        for sd in seeds:
+            r1, r2 = d.get(f"{s1_key}_s1/s{sd}", {}), d.get(f"{s2_key}/s{sd}", {})
+            r1 = r1 or r2  # the full variant's row holds its stage-1 numbers too
+            erank = f"{r1['query_erank']:.2f}" if "query_erank" in r1 else "-"
+            ret = _r1(r1["retrieval_itc"]) if "retrieval_itc" in r1 else "-"
+            cap = r2.get("val_captions", {}).get("CIDEr")
+            rows.append(f"| {label} | {sd} | {erank} | {ret} | {'-' if cap is None else f'{cap:.1f}'} | "
+                        f"{r2.get('distinct', '-')} | {r2['grounding']['gap'] if 'grounding' in r2 else '-'} |")
+    return "\n".join(rows)
+
+
 def table() -> str:
     """docs/recipe.md's tables, from results/recipe-sweep.json: stage-2 CIDEr per variant (mean and spread over the
     seeds run), the stage-1 runs' val retrieval (ITC), and the data-scaling curve."""
@@ -461,8 +498,12 @@ def main():
     p.add_argument("names", nargs="*")
     p.add_argument("--seeds", default="1337")
     p.add_argument("--table", action="store_true", help="print docs/recipe.md's tables from results/recipe-sweep.json")
+    p.add_argument("--lesson-table", action="store_true", help="print docs/recipe.md's table of the lessons' recipe")
     p.add_argument("--plot", action="store_true", help="draw results/data-scaling.png and results/query-collapse.png")
     a = p.parse_args()
+    if a.lesson_table:
+        print(lesson_table())
+        return
     if a.table or a.plot:
         if a.table:
             print(table())
