@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from .config import QFormerConfig
+from .config import QFormerConfig, check_qformer_config
 from . import masks
 
 
@@ -28,7 +28,8 @@ class Attention(nn.Module):
 
     def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float, eps: float, impl: str = "sdpa"):
         super().__init__()
-        assert hidden % heads == 0, f"hidden size {hidden} is not divisible by {heads} heads"
+        if hidden % heads:  # QFormer checks its config first, with the flag names; this guards direct use
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads")
         if impl not in ("sdpa", "math"):
             raise ValueError(f"qformer.attn_impl must be 'sdpa' or 'math', not {impl!r}")
         self.heads, self.dropout, self.impl = heads, dropout, impl
@@ -125,6 +126,7 @@ class QFormer(nn.Module):
 
     def __init__(self, cfg: QFormerConfig, with_text: bool = True):
         super().__init__()
+        check_qformer_config(cfg)
         self.cfg = cfg
         H = cfg.hidden_size
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, H))
