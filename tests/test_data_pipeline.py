@@ -230,7 +230,7 @@ def test_streaming_two_processes_read_disjoint_samples_and_resume_exactly(tmp_pa
     assert len(flat[0]) == len(flat[1]) == 16 and not flat[0] & flat[1]
     images = [{s.split(":")[0] for s in f} for f in flat]
     assert not images[0] & images[1]  # whole shards per process: not even an image in common
-    state = torch.load(tmp_path / "part/checkpoints/ckpt-0000002/state.pt", weights_only=False)
+    state = torch.load(tmp_path / "part/checkpoints/ckpt-0000002/state.pt", weights_only=True)
     assert state["data_state"] == {"kind": "stream", "world_size": 2, "positions": [[0, 8], [0, 8]]}
 
 

@@ -124,7 +124,7 @@ def test_ddp_resume_is_exact_in_every_process(tmp_path):
     shutil.copytree(ref, resumed)
     (resumed / "checkpoints" / "latest").write_text("ckpt-0000002")  # killed after step 2 was checkpointed
     shutil.rmtree(resumed / "checkpoints" / "ckpt-0000004")
-    rng = torch.load(ckpt(resumed) / "state.pt", weights_only=False)["rng"]
+    rng = torch.load(ckpt(resumed) / "state.pt", weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one state per process
     torchrun("ddp_worker.py", resumed, *args)
     assert ckpt(resumed).name == "ckpt-0000004"
