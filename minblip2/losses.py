@@ -35,18 +35,24 @@ def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather
     image_all, text_all = gather(image_feats), gather(text_feats)  # (W*B, Q, E), (W*B, E)
     sim_i2t = itc_similarities(image_feats, text_all) / temp  # (B, W*B)
     sim_t2i = itc_similarities(image_all, text_feats).t() / temp  # (B, W*B)
-    B = image_feats.shape[0]
-    targets = torch.arange(B, device=image_feats.device) + dist.rank() * B  # the positives sit on the "diagonal"
-    if image_ids is not None:
-        # one image often comes twice in a batch (5 captions each, cached views): its other caption is a positive
-        # too, so a one-hot target would push apart what belongs together
-        if image_ids_all is None:
-            image_ids_all = dist.all_gather_no_grad(image_ids)
-        same = (image_ids.view(-1, 1) == image_ids_all.view(1, -1)).float()  # (B, W*B), diagonal included
-        targets = same / same.sum(dim=1, keepdim=True)  # probabilities; one-hot when every image is distinct
+    targets = itc_targets(image_feats.shape[0], image_feats.device, image_ids, image_ids_all)
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
     return loss, sim_i2t, sim_t2i
+
+
+def itc_targets(B: int, device, image_ids=None, image_ids_all=None) -> torch.Tensor:
+    """ITC's targets for this process's B rows against the global batch: without ids, the class index of each
+    row's own pair (the positives sit on the "diagonal"); with ids, probabilities spread evenly over every pair
+    of the same image -- one-hot when every image of the global batch is distinct."""
+    if image_ids is None:
+        return torch.arange(B, device=device) + dist.rank() * B
+    # one image often comes twice in a batch (5 captions each, cached views): its other caption is a positive
+    # too, so a one-hot target would push apart what belongs together
+    if image_ids_all is None:
+        image_ids_all = dist.all_gather_no_grad(image_ids)
+    same = (image_ids.view(-1, 1) == image_ids_all.view(1, -1)).float()  # (B, W*B), diagonal included
+    return same / same.sum(dim=1, keepdim=True)
 
 
 def query_similarity(queries: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,65 @@ def test_streaming_two_processes_read_disjoint_samples_and_resume_exactly(tmp_pa
     assert state["data_state"] == {"kind": "stream", "world_size": 2, "positions": [[0, 8], [0, 8]]}
 
 
+def write_two_column_shards(tmp_path, n=12, num_shards=2, ids=None):
+    """Parquet shards holding only an image (encoded bytes) and a text column, as data/README.md allows; with
+    `ids`, an image_id column of those values too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = make_folder(tmp_path / "f2", n=n)
+    out = tmp_path / "two-column"
+    out.mkdir()
+    for k in range(num_shards):
+        rows = range(k, n, num_shards)
+        table = {"jpg": [(folder / f"images/{i:04d}.png").read_bytes() for i in rows],
+                 "txt": [f"a square number {i}" for i in rows]}
+        if ids is not None:
+            table["image_id"] = [ids[i] for i in rows]
+        pq.write_table(pa.table(table), out / f"train-{k:05d}.parquet")
+    return out
+
+
+def test_shards_without_image_ids_train_itc_and_itm(tmp_path, monkeypatch):
+    """Issue 27, item 1: a stream without an image_id column gave every record the id -1, so ITC's targets were
+    uniform over the batch (it learned nothing) and ITM raised "all of the same image" at step 1. Now a record
+    without an id is named by its image's bytes: stage 1 trains ITC + ITM on 2-column shards and every ITC
+    target is one-hot (12 distinct images)."""
+    from minblip2 import losses
+
+    shards = write_two_column_shards(tmp_path)
+    cfg = tiny_pipeline_config(shards, max_steps=3, losses=("itc", "itm"))
+    cfg.data.streaming, cfg.data.shuffle_buffer = True, 4
+    targets = []
+
+    def recording(*args, **kw):
+        targets.append(itc_targets(*args, **kw))
+        return targets[-1]
+    itc_targets = getattr(losses, "itc_targets", None)
+    monkeypatch.setattr(losses, "itc_targets", recording, raising=False)
+    train(cfg, 1, progress=False, run_dir=tmp_path / "run")
+    rows = log(tmp_path / "run")
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(np.isfinite(float(r["loss_itm"])) for r in rows)
+    assert len(targets) == 3
+    for t in targets:  # (B, B) probabilities, one 1 per row: each caption's own image only
+        assert t.shape == (4, 4) and torch.equal(t, torch.eye(4)), t
+
+
+def test_string_image_ids_become_stable_ints(tmp_path):
+    """A non-numeric image_id crashed the stream in int(). Now strings map to a stable hash (the same in every
+    process and run), numeric strings to their number, and two rows with one id stay one image."""
+    from minblip2.data import image_id_as_int, train_transform
+    from minblip2.streaming import RecordStream, list_shards
+
+    ids = ["COCO_a", "COCO_b", "COCO_a", "17"]
+    shards = write_two_column_shards(tmp_path, n=4, num_shards=1, ids=ids)
+    stream = RecordStream(list_shards(shards), train_transform(16, (0.5,) * 3, (0.5,) * 3, normalize=False),
+                          micro_batch=4, shuffle_buffer=1)
+    got = next(iter(stream))["image_id"].tolist()
+    assert got == [image_id_as_int(i) for i in ids] and got[0] == got[2] != got[1] and got[3] == 17
+    assert image_id_as_int("COCO_a") == 1053541340259198889 and image_id_as_int(17.0) == 17  # stable across runs
+
+
 def test_stream_replaces_bad_records_and_reports_bad_shards(tmp_path):
     from minblip2.data import train_transform
     from minblip2.streaming import RecordStream, list_shards
