@@ -11,6 +11,8 @@ first step. gloo on CPUs accepts anything, so tests/test_ddp.py checks this expl
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -71,6 +73,37 @@ def all_gather_object(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj):
+    """Rank 0's obj in every process (any picklable value); obj itself in one process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def processes_sharing(directory) -> list[int]:
+    """The ranks that see the same `directory` as this process, this one included, in order: all of them on a
+    shared filesystem, this node's on node-local disks. Found by looking, not assumed: every process creates a
+    file named by its rank there, and lists whose files it sees. A collective (every process calls it).
+
+    Where the answers do not form clean groups (a filesystem that shows some processes' files to some), every
+    process counts as alone: the callers then do duplicate work, never wrong work."""
+    if world_size() == 1:
+        return [0]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = broadcast_object(f"{os.getpid()}-{time.time_ns()}")  # one name for this probe in every process
+    mine = directory / f".probe-{token}-{rank()}"
+    mine.touch()
+    barrier()  # every probe file exists before anyone looks
+    seen = [r for r in range(world_size()) if (directory / f".probe-{token}-{r}").exists()]
+    views = all_gather_object(seen)  # also: everyone has looked before anyone deletes
+    mine.unlink(missing_ok=True)
+    clean = all(views[m] == views[r] for r in range(world_size()) for m in views[r])
+    return views[rank()] if clean else [rank()]
 
 
 @torch.no_grad()

@@ -107,8 +107,11 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     optimizer = build_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
 
+    if dist.world_size() > 1 and len(dist.processes_sharing(run_dir)) < dist.world_size() and dist.is_master():
+        print(f"note: some processes do not see {run_dir} (no shared filesystem across the nodes?). Only rank 0 "
+              f"writes checkpoints there; to resume, copy its checkpoints/ to every node first (docs/scaling.md)")
     start = 0
-    if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
+    if resume and (ckpt := agreed_checkpoint(ckpt_root)) is not None:
         start = load_checkpoint(ckpt, model, optimizer, scaler, task=task)
         if dist.is_master():
             print(f"resuming stage {stage} from {ckpt} (step {start})")
@@ -203,6 +206,27 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
         plot_losses(run_dir / "log.csv", run_dir / "losses.png", title=f"stage {stage}")
     bar.close()
     return run_dir
+
+
+def agreed_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint every process resumes from: rank 0's latest, which every process must hold too.
+
+    Each process reads ckpt_root on its own machine. Only rank 0 writes checkpoints, so on many nodes without a
+    shared filesystem the others see none (or an older one, copied earlier): each process resuming from its own
+    latest then ran a different number of steps and the job hung in a collective. Here rank 0 decides, and every
+    process compares what it holds with rank 0's choice; if any differs, all of them stop with the same error
+    (a collective: nobody is left waiting)."""
+    mine = latest_checkpoint(ckpt_root)
+    names = dist.all_gather_object(mine.name if mine is not None else None)  # every process's latest, rank order
+    chosen = names[0]
+    if any(n != chosen for n in names):
+        held = ", ".join(f"process {r}: {n or 'none'}" for r, n in enumerate(names))
+        raise RuntimeError(
+            f"the processes would resume from different checkpoints in {ckpt_root} ({held}); rank 0 decides, and "
+            f"every process must hold its choice. Only rank 0 writes checkpoints: put out_dir on a filesystem every "
+            f"node shares, or copy rank 0's {ckpt_root} (with its `latest`) to every node before resuming. "
+            f"Nothing was trained.")
+    return mine
 
 
 @contextmanager

@@ -5,6 +5,7 @@ As a script it trains that task (for the DDP test under torchrun, and the kill t
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR --batch_size=4 --max_steps=4 --stop_at=3
     python tests/ddp_worker.py RUN_DIR --ckpt_every=1 --max_steps=30
     ... --check_devices=True    (every collective's tensors must be on the run's device: see DeviceChecks)
+    ... --node_dirs=True        (each process its own RUN_DIR/node<rank>, as on nodes without a shared filesystem)
 """
 from __future__ import annotations
 
@@ -186,6 +187,8 @@ def main(argv):
         torch.set_num_threads(kw.pop("threads"))
     dropout = kw.pop("qformer.dropout", None)
     check_devices = kw.pop("check_devices", False)
+    if kw.pop("node_dirs", False):  # RUN_DIR/node<rank>: a run directory no other process sees (node-local disks)
+        run_dir = str(Path(run_dir, f"node{os.environ['RANK']}"))
     cfg = tiny_config(**kw)
     if dropout is not None:
         cfg.qformer.dropout = dropout

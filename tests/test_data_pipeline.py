@@ -135,6 +135,21 @@ def test_feature_cache_is_memory_mapped_fp16_and_written_by_every_process(tmp_pa
     assert torch.equal(cached, ref) and cached.mmap_path == str(path)  # read back, not recomputed
 
 
+def test_feature_cache_works_on_node_local_disks(tmp_path):
+    """Issue 27, item 2: rank 0 created the cache file and the other processes opened it, which on many nodes
+    without a shared filesystem fails (the file is on node 0's disk). Here each of the 2 processes has its own
+    cache directory, as on node-local disks: each writes a complete copy, equal to one process's features."""
+    root = make_folder(tmp_path / "f", n=7)
+    images = load_pairs(root).images
+    vcfg = VisionConfig(name="pixels", img_size=16)
+    ref = encode_images(PixelEncoder(), images, batch_size=3, progress=False, view=1)
+    torchrun("cache", tmp_path / "cache", root, 1, "per_rank")
+    for rank in (0, 1):
+        path = feature_path(vcfg, images, 1, tmp_path / "cache" / f"rank{rank}")
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no probe or partial file left behind
+        assert torch.equal(torch.from_numpy(np.load(path)), ref)
+
+
 # ----------------------------------------------------------------------------- bring your own data
 
 

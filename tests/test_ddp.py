@@ -137,6 +137,32 @@ def test_ddp_resume_is_exact_in_every_process(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ranks_refuse_to_resume_from_different_checkpoints(tmp_path):
+    """Issue 27, item 2: each process resumed from the latest checkpoint IT saw. On nodes without a shared
+    filesystem, process 1's copy of the run may lack the newest checkpoint: it resumed a step earlier than process
+    0, the two ran different numbers of steps, and the job hung in a collective. Now rank 0's choice holds and both
+    processes stop at once with an error naming what each holds; with equal copies they resume."""
+    args = ["--batch_size=4", "--max_steps=4", "--ckpt_every=1", "--qformer.dropout=0.0"]
+    torchrun("ddp_worker.py", tmp_path / "shared", *args, "--stop_at=3")  # ckpt-2 and ckpt-3 kept
+    for node in (0, 1):
+        shutil.copytree(tmp_path / "shared", tmp_path / "run" / f"node{node}")
+    node1 = tmp_path / "run" / "node1" / "checkpoints"  # process 1's disk never got the newest checkpoint
+    shutil.rmtree(node1 / "ckpt-0000003")
+    (node1 / "latest").write_text("ckpt-0000002")
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+           str(TESTS / "ddp_worker.py"), str(tmp_path / "run"), *args, "--node_dirs=True"]
+    from ddp_worker import subprocess_env
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "process 0: ckpt-0000003, process 1: ckpt-0000002" in p.stderr and "Nothing was trained" in p.stderr
+    assert ckpt(tmp_path / "run" / "node0").name == "ckpt-0000003"  # and nothing was written
+
+    shutil.copytree(tmp_path / "run" / "node0" / "checkpoints", node1, dirs_exist_ok=True)  # the documented fix
+    out = torchrun("ddp_worker.py", tmp_path / "run", *args, "--node_dirs=True")
+    assert "some processes do not see" in out.stdout  # process 1's run directory is not process 0's
+    assert ckpt(tmp_path / "run" / "node0").name == "ckpt-0000004"
+
+
 def test_progress_bar_is_silent_when_asked():
     """Bars go to stderr; lessons (nbval) and non-master ranks must print none, and TQDM_DISABLE=1 must win
     (tqdm reads it at import, hence fresh processes)."""
