@@ -5,6 +5,7 @@ As a script it trains that task (for the DDP test under torchrun, and the kill t
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR --batch_size=4 --max_steps=4 --stop_at=3
     python tests/ddp_worker.py RUN_DIR --ckpt_every=1 --max_steps=30
     ... --check_devices=True    (every collective's tensors must be on the run's device: see DeviceChecks)
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py stage2 RUN_DIR   (what DDP broadcasts in stage 2)
     ... --node_dirs=True        (each process its own RUN_DIR/node<rank>, as on nodes without a shared filesystem)
 """
 from __future__ import annotations
@@ -171,6 +172,78 @@ class DeviceChecks(TorchFunctionMode):
         return super().__exit__(*exc)
 
 
+def tiny_stage2_task(cfg: Config):
+    """A Stage2Task over a tiny random OPT (2 layers, 32 wide; the same weights in every process: seeded alike), a
+    Q-Former as tiny_config's and the synthetic data; its frozen LLM holds most of the model's bytes."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from minblip2.backbones import load_bert
+    from minblip2.stage2 import Stage2Model
+    from minblip2.tasks import Stage2Task
+
+    tok = load_bert(cfg.qformer)[1]
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    llm = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                   pad_token_id=0, bos_token_id=101, eos_token_id=102))
+    torch.manual_seed(cfg.stage2.seed)
+    model = Stage2Model(cfg.qformer, llm, tok, prompt="a photo of", max_text_len=12)
+    return Stage2Task(model, synthetic_data())
+
+
+class CountBroadcasts:
+    """Counts the bytes every broadcast of torch.distributed sends, DDP's coalesced start-up broadcast included."""
+
+    def __init__(self):
+        self.bytes, self.originals = 0, {}
+
+    def __enter__(self):
+        for name in ("broadcast", "_broadcast_coalesced"):
+            original = self.originals[name] = getattr(torch.distributed, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs))
+                                  if isinstance(t, torch.Tensor))
+                return _original(*args, **kwargs)
+            setattr(torch.distributed, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.distributed, name, original)
+
+
+def stage2_main(run_dir):
+    """stage2 RUN_DIR: 2 stage-2 steps of tiny_stage2_task; process 1's final LayerNorm of the LLM is changed first.
+    Writes per process the bytes broadcast, the trainable and the frozen bytes, and a checksum of the LLM."""
+    from minblip2 import dist
+    from minblip2.config import Stage2Config
+    from minblip2.train import train
+
+    cfg = tiny_config()
+    cfg.stage2 = Stage2Config(lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=2, batch_size=4, amp="none",
+                              ckpt_every=2, log_every=1, seed=0)
+    try:
+        dist.setup("cpu")
+        task = tiny_stage2_task(cfg)
+        llm = task.model.llm
+        if dist.rank() == 1:  # a frozen tensor that differs: it alone must be sent
+            with torch.no_grad():
+                llm.model.decoder.final_layer_norm.weight.add_(1.0)
+        with CountBroadcasts() as counted:
+            train(cfg, 2, task, progress=False, run_dir=run_dir)
+        size = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+        Path(run_dir, f"broadcast-rank{dist.rank()}.json").write_text(json.dumps({
+            "broadcast_bytes": counted.bytes,
+            "trainable_bytes": size(p for p in task.model.parameters() if p.requires_grad),
+            "llm_bytes": size(llm.parameters()) + size(llm.buffers()),
+            "layer_norm_bytes": size([llm.model.decoder.final_layer_norm.weight]),
+            "llm_checksum": sum(float(p.double().sum()) for p in llm.parameters())}))
+    finally:
+        dist.cleanup()
+
+
 def main(argv):
     """RUN_DIR [--field=value ...] (Stage1Config fields, plus --stop_at, --threads, --qformer.dropout)."""
     import ast
@@ -205,4 +278,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1] == "stage2":
+        stage2_main(sys.argv[2])
+    else:
+        main(sys.argv[1:])

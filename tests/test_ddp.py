@@ -163,6 +163,21 @@ def test_ranks_refuse_to_resume_from_different_checkpoints(tmp_path):
     assert ckpt(tmp_path / "run" / "node0").name == "ckpt-0000004"
 
 
+def test_ddp_does_not_broadcast_the_frozen_llm(tmp_path):
+    """Issue 27, item 6: DDP wrapped the whole stage-2 model, so at start it broadcast the frozen LLM (OPT-2.7B:
+    5.4 GB to every process) and its buffers before every forward. Now DDP holds the trainable weights only: 2
+    stage-2 steps in 2 processes broadcast those, plus the one frozen tensor that process 1 had changed (found by
+    a checksum), and the LLMs end equal."""
+    torchrun("ddp_worker.py", "stage2", tmp_path)
+    got = [json.loads((tmp_path / f"broadcast-rank{r}.json").read_text()) for r in (0, 1)]
+    for g in got:
+        assert g["llm_bytes"] > 2 * g["trainable_bytes"]  # the frozen LLM is most of the model
+        # the trainable weights and the changed LayerNorm, plus the few bytes of train()'s broadcast_object calls
+        assert g["trainable_bytes"] + g["layer_norm_bytes"] <= g["broadcast_bytes"] < \
+            g["trainable_bytes"] + g["layer_norm_bytes"] + 4096, g
+    assert got[0]["llm_checksum"] == got[1]["llm_checksum"]
+
+
 def test_progress_bar_is_silent_when_asked():
     """Bars go to stderr; lessons (nbval) and non-master ranks must print none, and TQDM_DISABLE=1 must win
     (tqdm reads it at import, hence fresh processes)."""
