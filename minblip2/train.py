@@ -198,11 +198,12 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
                 _write_log(run_dir / "log.csv", log_rows)
             if ckpt:
                 save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg, rng=rng, data_state=data_state)
-        dist.barrier()
+        # no barrier per step: the next step's collectives wait for rank 0's checkpoint anyway
     if dist.is_master() and log_rows:
         _write_log(run_dir / "log.csv", log_rows)
         plot_losses(run_dir / "log.csv", run_dir / "losses.png", title=f"stage {stage}")
     bar.close()
+    dist.barrier()  # once: no process leaves (e.g. on to stage 2, which reads it) before the last checkpoint is written
     return run_dir
 
 

@@ -116,7 +116,7 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty
              torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.linspace, torch.scalar_tensor,
              torch.from_numpy}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
-               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single")
+               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single", "barrier")
 MARK = "_made_without_device"
 
 
