@@ -116,6 +116,28 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+@torch.no_grad()
+def rows_wanted(x: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """x_all[wanted[rank()]], where x_all is every process's x (B rows each) concatenated in rank order, moving only
+    those rows: each process sends every other one the rows of its own that it wants (one all_to_all), instead of
+    every process receiving all W*B rows. wanted: (W, K) global row indices, every process's, known to all.
+    No gradient flows back (use it for frozen inputs)."""
+    if world_size() == 1:
+        return x[wanted[0]]
+    B, W, me = x.shape[0], world_size(), rank()
+    owner = wanted // B  # (W, K): which process holds each wanted row
+    send_rows = [wanted[r][owner[r] == me] - me * B for r in range(W)]  # mine that process r wants, in its order
+    send = torch.cat([x[i] for i in send_rows]).contiguous()
+    recv = x.new_empty((wanted.shape[1], *x.shape[1:]))
+    dist.all_to_all_single(recv, send, output_split_sizes=torch.bincount(owner[me], minlength=W).tolist(),
+                           input_split_sizes=[len(i) for i in send_rows])
+    # recv holds my wanted rows grouped by the process they came from, each group in my order: put them back
+    order = torch.argsort(owner[me], stable=True)
+    out = torch.empty_like(recv)
+    out[order] = recv
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -90,13 +90,15 @@ def query_effective_rank(queries: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, generator=None):
+def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, generator=None,
+                          every_process: bool = False):
     """For each pair, sample one hard-negative text and one hard-negative image.
 
     Negatives are drawn from softmax(similarity) over the global batch, so texts/images the model finds
     confusingly similar are picked more often. The positive (the diagonal) is never drawn; with image ids,
     no other caption of the same image is drawn either (those are positives too, not negatives).
-    sim_i2t, sim_t2i: (B, W*B) logits. Returns (neg_text_idx (B,), neg_image_idx (B,)) into the global batch.
+    sim_i2t, sim_t2i: (B, W*B) logits. Returns (neg_text_idx (B,), neg_image_idx (B,)) into the global batch;
+    every_process=True: (W*B,) each, every process's rows (so a process knows which of its images the others need).
 
     With several processes every process gathers the whole (W*B, W*B) similarity matrices and samples ALL rows,
     then keeps its own: with a `generator` seeded alike everywhere (train.py seeds one per step), the negatives
@@ -120,6 +122,8 @@ def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, 
     weights_t2i = F.softmax(sim_t2i.float().masked_fill(positive, float("-inf")), dim=1)
     neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    if every_process:
+        return neg_text, neg_image
     return neg_text[offset:offset + B], neg_image[offset:offset + B]
 
 

@@ -127,6 +127,7 @@ class DeviceChecks(TorchFunctionMode):
     def __init__(self, device: torch.device):
         super().__init__()
         self.device, self.calls, self.originals = device, {}, {}
+        self.bytes = {}  # per collective: the bytes of every tensor handed to it (inputs and output buffers)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -155,6 +156,8 @@ class DeviceChecks(TorchFunctionMode):
                     f"{where} made by a factory call without device= (e.g. torch.tensor(value)): on a GPU it "
                     f"would live on the CPU, which NCCL cannot reduce")
         self.calls[name] = self.calls.get(name, 0) + 1
+        self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size()
+                                                         for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
 
     def __enter__(self):
         for name in COLLECTIVES:
@@ -273,6 +276,7 @@ def main(argv):
             with DeviceChecks(torch.device(cfg.device)) as checks:
                 train(cfg, 1, task, stop_at=stop_at, progress=False, run_dir=run_dir)
             Path(run_dir, f"collectives-rank{dist.rank()}.json").write_text(json.dumps(checks.calls))
+            Path(run_dir, f"collective-bytes-rank{dist.rank()}.json").write_text(json.dumps(checks.bytes))
     finally:
         dist.cleanup()
 

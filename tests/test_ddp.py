@@ -95,6 +95,12 @@ def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
         assert calls["all_reduce"] >= 3 * 3 and calls["all_gather"] >= 3 * 5, calls
         # issue 27, item 7: no barrier per step (one after each: 3 here), only a fixed few (start, end)
         assert calls.get("barrier", 0) <= 2, calls
+        assert calls["all_to_all_single"] == 3, calls  # issue 27, item 5: below
+    # ITM's negative images travel as the B = 4 rows of 9 x 24 fp32 tokens each process needs (3 steps; what is
+    # received is what the other process sent: send + receive buffers, summed over both), not as all W * B rows
+    # with gradient (an all_gather, and an all_reduce in backward)
+    moved = [json.loads((ddp_dir / f"collective-bytes-rank{r}.json").read_text())["all_to_all_single"] for r in (0, 1)]
+    assert sum(moved) == 2 * (3 * 2 * 4 * 9 * 24 * 4), moved
     assert ckpt(ddp_dir).name == "ckpt-0000003"
     assert not (ddp_dir / "checkpoints" / "ckpt-0000004").exists()
 
