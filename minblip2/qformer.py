@@ -211,9 +211,11 @@ class QFormer(nn.Module):
         for i, layer in enumerate(self.layers):
             prefix = query_cache[i] if query_cache is not None else None
             ikv = image_kv[i] if image_kv is not None else None
-            # image tokens go into the layer as they are, so under gradient checkpointing their keys/values are
-            # recomputed in backward rather than kept
-            if self.cfg.gradient_checkpointing and self.training:
+            # gradient checkpointing: whenever a backward will follow, also in eval mode (stage 1's dropout-free
+            # query pass runs in it). Keys/values: image_embeds go into the layer as they are, so their keys/values
+            # are recomputed in backward; image_kv (fast_losses) were computed once before the layers, and those
+            # are kept for backward -- checkpointing does not free them
+            if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
                 x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, ikv, causal, use_reentrant=False)
             else:
                 x, kv = layer(x, attn_mask, Q, image_embeds, prefix, ikv, causal)

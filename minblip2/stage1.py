@@ -189,7 +189,8 @@ class Stage1Model(nn.Module):
 
         query_similarity needs this pass: measured on the training pass, the Q-Former met it with dropout noise
         alone (loss 0.16 in training, while the queries of the trained model in eval mode had cosine 0.997).
-        Gradients flow; only dropout is off (the Q-Former has no other train/eval difference)."""
+        Gradients flow; only dropout is off (the Q-Former has no other train/eval difference; gradient
+        checkpointing stays on, see QFormer.forward)."""
         was_training = self.qformer.training
         self.qformer.train(False)
         try:

@@ -422,3 +422,37 @@ def test_logged_temperature_is_the_value_the_step_used():
     with torch.no_grad():
         m.temp.add_(0.01)  # what an optimizer step does to it
     assert out["temp"].item() == used
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """The bytes of the tensors autograd keeps for backward while fn runs (outside checkpointed regions)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_dropout_free_query_pass_keeps_gradient_checkpointing():
+    """Issue 27, item 9: the query-similarity term's dropout-free pass switched the Q-Former to eval mode, and
+    checkpointing was on in training mode only, so that pass kept every layer's activations. Now it checkpoints
+    whenever a backward follows: it keeps a fraction of what it keeps without checkpointing."""
+    from minblip2.config import Stage1Config
+    from minblip2.stage1 import Stage1Model
+
+    kept = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = QFormerConfig(bert_weights="random", hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+                            num_queries=8, vision_width=24, vocab_size=100, max_position_embeddings=16,
+                            gradient_checkpointing=ckpt)
+        model = Stage1Model(cfg, Stage1Config(query_sim_weight=1.0)).train()
+        img = model.ln_vision(torch.randn(2, 9, 24))
+        image_kv = [None if kv is None else tuple(x.detach() for x in kv) for kv in model.qformer.image_kv(img)]
+        kept[ckpt] = saved_for_backward_bytes(lambda: model._queries_without_dropout(image_kv=image_kv).sum())
+        assert model.qformer.training  # and the mode is back
+    assert kept[True] < 0.25 * kept[False], kept
