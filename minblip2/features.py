@@ -130,6 +130,7 @@ def cached_features(encoder, vcfg: VisionConfig, image_paths, cache_dir=None, vi
     are done: atomic). On a shared filesystem that is every process; on node-local disks (many nodes, no shared
     filesystem) each node writes its own copy, its processes splitting the images among themselves."""
     path = feature_path(vcfg, image_paths, view, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     group = dist.processes_sharing(path.parent)  # who sees this directory as I do (see dist.processes_sharing)
     missing = dist.all_gather_object(not path.exists())  # every process takes part in the barriers below
     if any(missing):
