@@ -216,11 +216,24 @@ class QFormer(nn.Module):
             # are recomputed in backward; image_kv (fast_losses) were computed once before the layers, and those
             # are kept for backward -- checkpointing does not free them
             if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
-                x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, ikv, causal, use_reentrant=False)
+                # the recomputation in backward runs in the mode of this forward (passed along), not in whatever
+                # mode the model is in by then: the dropout-free pass is back in training mode when backward comes
+                x, kv = checkpoint(_run_in_mode, layer, layer.training, x, attn_mask, Q, image_embeds, prefix, ikv,
+                                   causal, use_reentrant=False)
             else:
                 x, kv = layer(x, attn_mask, Q, image_embeds, prefix, ikv, causal)
             cache.append(kv)
         return (x, cache) if return_cache else x
+
+
+def _run_in_mode(layer: nn.Module, training: bool, *args):
+    """layer(*args) with dropout on or off as `training` says, the layer's own mode restored after."""
+    was = layer.training
+    layer.train(training)
+    try:
+        return layer(*args)
+    finally:
+        layer.train(was)
 
 
 def init_bert_weights(module: nn.Module):

@@ -444,7 +444,7 @@ def test_dropout_free_query_pass_keeps_gradient_checkpointing():
     from minblip2.config import Stage1Config
     from minblip2.stage1 import Stage1Model
 
-    kept = {}
+    kept, grads = {}, {}
     for ckpt in (False, True):
         torch.manual_seed(0)
         cfg = QFormerConfig(bert_weights="random", hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
@@ -453,6 +453,13 @@ def test_dropout_free_query_pass_keeps_gradient_checkpointing():
         model = Stage1Model(cfg, Stage1Config(query_sim_weight=1.0)).train()
         img = model.ln_vision(torch.randn(2, 9, 24))
         image_kv = [None if kv is None else tuple(x.detach() for x in kv) for kv in model.qformer.image_kv(img)]
-        kept[ckpt] = saved_for_backward_bytes(lambda: model._queries_without_dropout(image_kv=image_kv).sum())
-        assert model.qformer.training  # and the mode is back
+        out = {}
+        kept[ckpt] = saved_for_backward_bytes(
+            lambda: out.setdefault("q", model._queries_without_dropout(image_kv=image_kv)))
+        assert model.qformer.training  # the mode is back before backward: the recomputation must not use it
+        out["q"].pow(2).sum().backward()
+        grads[ckpt] = {n: p.grad for n, p in model.qformer.named_parameters() if p.grad is not None}
     assert kept[True] < 0.25 * kept[False], kept
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[True]:  # checkpointed or not: the same gradients, without dropout in both
+        assert torch.allclose(grads[True][n], grads[False][n], atol=1e-6), n
