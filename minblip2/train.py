@@ -209,7 +209,7 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
 
 def wrap_ddp(model, device, find_unused_parameters: bool) -> torch.nn.parallel.DistributedDataParallel:
     """DDP over the TRAINABLE weights only. Wrapped whole, DDP broadcast every parameter and buffer from rank 0 at
-    start -- stage 2's frozen OPT-2.7B: 5.4 GB to every process -- and the buffers again before every forward. The
+    start -- stage 2's frozen OPT-2.7B: 5.3 GB to every process -- and the buffers again before every forward. The
     frozen weights come from the same files in every process, so here they are left out of DDP and only
     checked: a checksum per tensor, compared across processes, and only a tensor that differs is broadcast (a
     randomly initialised frozen model, seeded per process). No module here has buffers that training changes
