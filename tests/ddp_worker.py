@@ -156,8 +156,8 @@ class DeviceChecks(TorchFunctionMode):
                     f"{where} made by a factory call without device= (e.g. torch.tensor(value)): on a GPU it "
                     f"would live on the CPU, which NCCL cannot reduce")
         self.calls[name] = self.calls.get(name, 0) + 1
-        self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size()
-                                                         for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors)
 
     def __enter__(self):
         for name in COLLECTIVES:
