@@ -3,11 +3,18 @@ position, written atomically, so that a run killed at any moment resumes exactly
 
     runs/<name>/stage1/checkpoints/ckpt-0000200/{model.safetensors, state.pt, config.json}
     runs/<name>/stage1/checkpoints/latest          -> "ckpt-0000200"
+
+state.pt holds tensors and plain values only (numbers, strings, lists, dicts; the numpy and Python random states
+as tensors), so that resuming reads it with `torch.load(weights_only=True)`: a run directory from someone else
+cannot run code on --resume. A state.pt that needs more is refused; one written by an older minblip2 (numpy arrays
+in it) is converted once with `python -m minblip2.checkpoint --upgrade CKPT_DIR`, for files you trust.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -81,7 +88,14 @@ def load_checkpoint(path: Path, model, optimizer=None, scaler=None, task=None) -
     returns the step to continue from."""
     try:
         weights = load_file(str(path / "model.safetensors"))
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a class or function: never unpickle it
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint {path}: refusing to load state.pt, which holds more than tensors and plain values "
+            f"({why[:200]}); unpickling it could run arbitrary code. A checkpoint written by minblip2 never needs "
+            f"that. If it is your own, written by an older minblip2 (numpy random states), convert it once with "
+            f"`python -m minblip2.checkpoint --upgrade {path}` -- only for a file you trust") from None
     except Exception as e:  # truncated / corrupt files
         raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to start "
                          f"over, or point `latest` in {path.parent} at an older ckpt-* directory") from e
@@ -111,10 +125,25 @@ def load_checkpoint(path: Path, model, optimizer=None, scaler=None, task=None) -
 def rng_state():
     """This process's random state. Under DDP each process has its own (seeded seed + rank: its own dropout
     masks), so a checkpoint keeps every process's, in rank order. CUDA: this process's GPU only (asking for
-    every GPU's state would open a CUDA context on each of them, in every process)."""
+    every GPU's state would open a CUDA context on each of them, in every process). numpy's and Python's states
+    become tensors and plain values (see the module docstring: weights_only loading)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "python": _python_state_to_plain(random.getstate())}
+
+
+def _numpy_state_to_plain(st) -> dict:
+    """np.random.get_state()'s ('MT19937', uint32 array of 624, pos, has_gauss, cached_gaussian) -> tensors/values."""
+    name, key, pos, has_gauss, cached = st
+    return {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _python_state_to_plain(st) -> dict:
+    """random.getstate()'s (version, 625 ints below 2**32, gauss_next) -> tensors/values."""
+    version, internal, gauss = st
+    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss}
 
 
 def _set_rng_state(s):
@@ -124,11 +153,45 @@ def _set_rng_state(s):
         cuda = cuda[torch.cuda.current_device()] if cuda and torch.cuda.is_available() else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+
+
+def upgrade_checkpoint(path: Path) -> Path:
+    """Rewrite a state.pt written by an older minblip2 (numpy arrays and tuples in its random states) in today's
+    format, which loads with weights_only=True. This one unpickles the old file: call it for your own files only."""
+    path = Path(path)
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # trusted by the caller
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    for r in rngs:
+        if isinstance(r.get("numpy"), tuple):
+            r["numpy"] = _numpy_state_to_plain(r["numpy"])
+        if isinstance(r.get("python"), tuple):
+            r["python"] = _python_state_to_plain(r["python"])
+    state["rng"] = rngs
+    tmp = path / f".state.pt.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    torch.load(tmp, map_location="cpu", weights_only=True)  # proves the new file is safe to load
+    os.replace(tmp, path / "state.pt")
+    return path / "state.pt"
 
 
 def _atomic_write(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minblip2.checkpoint", description=upgrade_checkpoint.__doc__)
+    p.add_argument("--upgrade", nargs="+", metavar="CKPT_DIR", required=True,
+                   help="checkpoint directories (ckpt-*) whose state.pt to rewrite in today's safe format")
+    for d in p.parse_args(argv).upgrade:
+        print(f"rewrote {upgrade_checkpoint(Path(d))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -385,11 +385,23 @@ RULES = {
 }
 
 
+def check_qformer_config(q: QFormerConfig):
+    """What no single field's rule can see: the attention heads split hidden_size into equal slices, so it must be
+    a multiple of num_heads (otherwise a reshape deep inside the first forward fails, or -O skips the assert)."""
+    if q.hidden_size % q.num_heads:
+        fits = [h for h in range(1, min(q.hidden_size, 64) + 1) if q.hidden_size % h == 0]
+        raise ValueError(f"qformer.hidden_size={q.hidden_size} is not divisible by qformer.num_heads={q.num_heads}: "
+                         f"each attention head takes hidden_size / num_heads dimensions. With hidden_size "
+                         f"{q.hidden_size}, num_heads can be one of {fits}")
+
+
 def config_from_command_line(preset: str, overrides: list[str]) -> Config:
     """The entry points' config: a preset plus overrides. A mistake in them ends the program with one line,
     `error: ...`, and exit status 2 (argparse's convention for usage errors), not a traceback."""
     try:
-        return apply_overrides(get_preset(preset), overrides)
+        cfg = apply_overrides(get_preset(preset), overrides)
+        check_qformer_config(cfg.qformer)
+        return cfg
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

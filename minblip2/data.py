@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import hashlib
 import io
 import json
 import os
@@ -186,10 +187,41 @@ def load_pairs(source: str | Path, image_column: str = "", text_column: str = ""
 
 
 def _as_id(x, row: int) -> int:
-    try:
+    """A row's image id as an int (see image_id_as_int); no id at all: the row number identifies the image."""
+    image_id = image_id_as_int(x)
+    return row if image_id is None else image_id
+
+
+def image_id_as_int(x) -> int | None:
+    """An image id from a data source -> the int a batch carries (ITC and ITM treat equal ids as one image).
+
+    Integers (also "123" and 123.0) stay themselves; any other string or bytes becomes a stable 63-bit hash of
+    it, the same in every process and every run (Python's hash() is salted per process), so two rows with the
+    id "COCO_val_42" are one image and "a" and "b" are two. None (no id): None, the caller decides."""
+    if x is None:
+        return None
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return int(x)
-    except (TypeError, ValueError):
-        return row  # a non-numeric id: the row number identifies the image
+    if isinstance(x, (float, np.floating)) and float(x).is_integer():
+        return int(x)
+    if isinstance(x, str) and re.fullmatch(r"\s*-?\d+\s*", x):
+        return int(x)
+    return stable_id(x.encode() if isinstance(x, str) else bytes(x) if isinstance(x, (bytes, bytearray))
+                     else repr(x).encode())
+
+
+def stable_id(data: bytes) -> int:
+    """A non-negative 63-bit int from bytes (blake2b): ids for images that come without one. Two different
+    images share it with probability ~ n^2 / 2^64 for n images: never, in practice."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 1
+
+
+def image_identity(image) -> int:
+    """An id for an image record without an id column: a hash of its encoded bytes (a datasets.Image cell or
+    raw bytes), or of its path. The same image twice (two rows with its captions) gets the same id."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path") or b""
+    return stable_id(bytes(image) if isinstance(image, (bytes, bytearray)) else str(image).encode())
 
 
 class _Column:

@@ -11,6 +11,8 @@ first step. gloo on CPUs accepts anything, so tests/test_ddp.py checks this expl
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -73,6 +75,37 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's obj in every process (any picklable value); obj itself in one process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def processes_sharing(directory) -> list[int]:
+    """The ranks that see the same `directory` as this process, this one included, in order: all of them on a
+    shared filesystem, this node's on node-local disks. Found by looking, not assumed: every process creates a
+    file named by its rank there, and lists whose files it sees. A collective (every process calls it).
+
+    Where the answers do not form clean groups (a filesystem that shows some processes' files to some), every
+    process counts as alone: the callers then do duplicate work, never wrong work."""
+    if world_size() == 1:
+        return [0]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = broadcast_object(f"{os.getpid()}-{time.time_ns()}")  # one name for this probe in every process
+    mine = directory / f".probe-{token}-{rank()}"
+    mine.touch()
+    barrier()  # every probe file exists before anyone looks
+    seen = [r for r in range(world_size()) if (directory / f".probe-{token}-{r}").exists()]
+    views = all_gather_object(seen)  # also: everyone has looked before anyone deletes
+    mine.unlink(missing_ok=True)
+    clean = all(views[m] == views[r] for r in range(world_size()) for m in views[r])
+    return views[rank()] if clean else [rank()]
+
+
 @torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from every process along dim 0; no gradient flows back (LAVIS's concat_all_gather)."""
@@ -81,6 +114,28 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def rows_wanted(x: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """x_all[wanted[rank()]], where x_all is every process's x (B rows each) concatenated in rank order, moving only
+    those rows: each process sends every other one the rows of its own that it wants (one all_to_all), instead of
+    every process receiving all W*B rows. wanted: (W, K) global row indices, every process's, known to all.
+    No gradient flows back (use it for frozen inputs)."""
+    if world_size() == 1:
+        return x[wanted[0]]
+    B, W, me = x.shape[0], world_size(), rank()
+    owner = wanted // B  # (W, K): which process holds each wanted row
+    send_rows = [wanted[r][owner[r] == me] - me * B for r in range(W)]  # mine that process r wants, in its order
+    send = torch.cat([x[i] for i in send_rows]).contiguous()
+    recv = x.new_empty((wanted.shape[1], *x.shape[1:]))
+    dist.all_to_all_single(recv, send, output_split_sizes=torch.bincount(owner[me], minlength=W).tolist(),
+                           input_split_sizes=[len(i) for i in send_rows])
+    # recv holds my wanted rows grouped by the process they came from, each group in my order: put them back
+    order = torch.argsort(owner[me], stable=True)
+    out = torch.empty_like(recv)
+    out[order] = recv
+    return out
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -10,8 +10,10 @@ training samples cycle through them. `TrainConfig.cache_features=False` augments
 On disk (format v2): one float16 `.npy` file per view, (num_images, tokens, width), read memory-mapped: a
 batch reads only its rows, and no process holds the whole bank in RAM (COCO's train split through ViT-g is
 ~82 GB per view). Under DDP every process encodes its own share of the images, with DataLoader workers
-decoding, straight into the one shared file. (v1, `<name>-<size>-<key>.safetensors`, was written by rank
-0 alone and loaded whole into every process; v2 files have another name, so a v1 file is never misread.)
+decoding, straight into the one shared file; with node-local cache directories (many nodes, no shared
+filesystem), each node's processes into that node's own copy (`dist.processes_sharing` finds out which
+processes see the same directory). (v1, `<name>-<size>-<key>.safetensors`, was written by rank 0 alone and
+loaded whole into every process; v2 files have another name, so a v1 file is never misread.)
 """
 from __future__ import annotations
 
@@ -120,35 +122,35 @@ def encode_images(encoder, image_paths, batch_size: int = 32, device="cpu", amp:
     return torch.from_numpy(out)
 
 
-def _broadcast(obj):
-    if not dist.is_distributed():
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cached_features(encoder, vcfg: VisionConfig, image_paths, cache_dir=None, view: int = 0, batch_size: int = 32,
                     device="cpu", amp: str = "none", progress: bool = True, num_workers: int = 0) -> torch.Tensor:
     """Features for `image_paths` (view 0 = center crop, v > 0 = augmented view v, see encode_images) from
-    the cache, memory-mapped (see open_features). If absent, every process encodes its share of the images
-    into one shared file (rank 0 creates it, then renames it into place once all are done: atomic)."""
+    the cache, memory-mapped (see open_features). If absent, the processes that share the cache directory encode
+    their shares of the images into one file (the first of them creates it, then renames it into place once all
+    are done: atomic). On a shared filesystem that is every process; on node-local disks (many nodes, no shared
+    filesystem) each node writes its own copy, its processes splitting the images among themselves."""
     path = feature_path(vcfg, image_paths, view, cache_dir)
-    if not _broadcast(path.exists()):  # rank 0 decides, so the processes never disagree
-        n, rank, world = len(image_paths), dist.rank(), dist.world_size()
-        tmp = path.with_name(f".{path.name}.{_broadcast(f'{os.getpid()}-{time.time_ns()}')}.partial")
-        shape = (n, *_feature_shape(encoder, device))
-        if dist.is_master():
-            path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    group = dist.processes_sharing(path.parent)  # who sees this directory as I do (see dist.processes_sharing)
+    missing = dist.all_gather_object(not path.exists())  # every process takes part in the barriers below
+    if any(missing):
+        n, leader = len(image_paths), group[0]
+        share, size = group.index(dist.rank()), len(group)
+        token = dist.broadcast_object(f"{os.getpid()}-{time.time_ns()}")
+        tmp = path.with_name(f".{path.name}.{token}-{leader}.partial")  # one file per group
+        encode = missing[dist.rank()]
+        shape = (n, *_feature_shape(encoder, device)) if encode else None
+        if encode and dist.rank() == leader:
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()  # a sparse file
         dist.barrier()
-        out = np.load(tmp, mmap_mode="r+")
-        _encode_rows(encoder, image_paths, n * rank // world, n * (rank + 1) // world, out, view, batch_size, device,
-                     amp, progress, num_workers)
-        out.flush()
-        del out
+        if encode:
+            out = np.load(tmp, mmap_mode="r+")
+            _encode_rows(encoder, image_paths, n * share // size, n * (share + 1) // size, out, view, batch_size,
+                         device, amp, progress, num_workers)
+            out.flush()
+            del out
         dist.barrier()
-        if dist.is_master():
+        if encode and dist.rank() == leader:
             os.replace(tmp, path)  # atomic: a reader never sees a half-written file
         dist.barrier()
     return open_features(path)

@@ -35,18 +35,24 @@ def itc_loss(image_feats, text_feats, temp, label_smoothing: float = 0.0, gather
     image_all, text_all = gather(image_feats), gather(text_feats)  # (W*B, Q, E), (W*B, E)
     sim_i2t = itc_similarities(image_feats, text_all) / temp  # (B, W*B)
     sim_t2i = itc_similarities(image_all, text_feats).t() / temp  # (B, W*B)
-    B = image_feats.shape[0]
-    targets = torch.arange(B, device=image_feats.device) + dist.rank() * B  # the positives sit on the "diagonal"
-    if image_ids is not None:
-        # one image often comes twice in a batch (5 captions each, cached views): its other caption is a positive
-        # too, so a one-hot target would push apart what belongs together
-        if image_ids_all is None:
-            image_ids_all = dist.all_gather_no_grad(image_ids)
-        same = (image_ids.view(-1, 1) == image_ids_all.view(1, -1)).float()  # (B, W*B), diagonal included
-        targets = same / same.sum(dim=1, keepdim=True)  # probabilities; one-hot when every image is distinct
+    targets = itc_targets(image_feats.shape[0], image_feats.device, image_ids, image_ids_all)
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
             + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
     return loss, sim_i2t, sim_t2i
+
+
+def itc_targets(B: int, device, image_ids=None, image_ids_all=None) -> torch.Tensor:
+    """ITC's targets for this process's B rows against the global batch: without ids, the class index of each
+    row's own pair (the positives sit on the "diagonal"); with ids, probabilities spread evenly over every pair
+    of the same image -- one-hot when every image of the global batch is distinct."""
+    if image_ids is None:
+        return torch.arange(B, device=device) + dist.rank() * B
+    # one image often comes twice in a batch (5 captions each, cached views): its other caption is a positive
+    # too, so a one-hot target would push apart what belongs together
+    if image_ids_all is None:
+        image_ids_all = dist.all_gather_no_grad(image_ids)
+    same = (image_ids.view(-1, 1) == image_ids_all.view(1, -1)).float()  # (B, W*B), diagonal included
+    return same / same.sum(dim=1, keepdim=True)
 
 
 def query_similarity(queries: torch.Tensor) -> torch.Tensor:
@@ -84,13 +90,15 @@ def query_effective_rank(queries: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, generator=None):
+def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, generator=None,
+                          every_process: bool = False):
     """For each pair, sample one hard-negative text and one hard-negative image.
 
     Negatives are drawn from softmax(similarity) over the global batch, so texts/images the model finds
     confusingly similar are picked more often. The positive (the diagonal) is never drawn; with image ids,
     no other caption of the same image is drawn either (those are positives too, not negatives).
-    sim_i2t, sim_t2i: (B, W*B) logits. Returns (neg_text_idx (B,), neg_image_idx (B,)) into the global batch.
+    sim_i2t, sim_t2i: (B, W*B) logits. Returns (neg_text_idx (B,), neg_image_idx (B,)) into the global batch;
+    every_process=True: (W*B,) each, every process's rows (so a process knows which of its images the others need).
 
     With several processes every process gathers the whole (W*B, W*B) similarity matrices and samples ALL rows,
     then keeps its own: with a `generator` seeded alike everywhere (train.py seeds one per step), the negatives
@@ -114,6 +122,8 @@ def sample_hard_negatives(sim_i2t, sim_t2i, image_ids=None, image_ids_all=None, 
     weights_t2i = F.softmax(sim_t2i.float().masked_fill(positive, float("-inf")), dim=1)
     neg_text = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     neg_image = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    if every_process:
+        return neg_text, neg_image
     return neg_text[offset:offset + B], neg_image[offset:offset + B]
 
 

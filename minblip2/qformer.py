@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from .config import QFormerConfig
+from .config import QFormerConfig, check_qformer_config
 from . import masks
 
 
@@ -28,7 +28,8 @@ class Attention(nn.Module):
 
     def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float, eps: float, impl: str = "sdpa"):
         super().__init__()
-        assert hidden % heads == 0, f"hidden size {hidden} is not divisible by {heads} heads"
+        if hidden % heads:  # QFormer checks its config first, with the flag names; this guards direct use
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads")
         if impl not in ("sdpa", "math"):
             raise ValueError(f"qformer.attn_impl must be 'sdpa' or 'math', not {impl!r}")
         self.heads, self.dropout, self.impl = heads, dropout, impl
@@ -125,6 +126,7 @@ class QFormer(nn.Module):
 
     def __init__(self, cfg: QFormerConfig, with_text: bool = True):
         super().__init__()
+        check_qformer_config(cfg)
         self.cfg = cfg
         H = cfg.hidden_size
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, H))
@@ -209,14 +211,29 @@ class QFormer(nn.Module):
         for i, layer in enumerate(self.layers):
             prefix = query_cache[i] if query_cache is not None else None
             ikv = image_kv[i] if image_kv is not None else None
-            # image tokens go into the layer as they are, so under gradient checkpointing their keys/values are
-            # recomputed in backward rather than kept
-            if self.cfg.gradient_checkpointing and self.training:
-                x, kv = checkpoint(layer, x, attn_mask, Q, image_embeds, prefix, ikv, causal, use_reentrant=False)
+            # gradient checkpointing: whenever a backward will follow, also in eval mode (stage 1's dropout-free
+            # query pass runs in it). Keys/values: image_embeds go into the layer as they are, so their keys/values
+            # are recomputed in backward; image_kv (fast_losses) were computed once before the layers, and those
+            # are kept for backward -- checkpointing does not free them
+            if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+                # the recomputation in backward runs in the mode of this forward (passed along), not in whatever
+                # mode the model is in by then: the dropout-free pass is back in training mode when backward comes
+                x, kv = checkpoint(_run_in_mode, layer, layer.training, x, attn_mask, Q, image_embeds, prefix, ikv,
+                                   causal, use_reentrant=False)
             else:
                 x, kv = layer(x, attn_mask, Q, image_embeds, prefix, ikv, causal)
             cache.append(kv)
         return (x, cache) if return_cache else x
+
+
+def _run_in_mode(layer: nn.Module, training: bool, *args):
+    """layer(*args) with dropout on or off as `training` says, the layer's own mode restored after."""
+    was = layer.training
+    layer.train(training)
+    try:
+        return layer(*args)
+    finally:
+        layer.train(was)
 
 
 def init_bert_weights(module: nn.Module):

@@ -129,10 +129,10 @@ class Stage1Model(nn.Module):
             out["query_erank"] = losses.query_effective_rank(clean)
 
         if "itm" in use:  # bidirectional: queries and text see each other; 3B rows, one third positives
-            neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
-            img_all = dist.all_gather_with_grad(img)  # a negative may be another process's image
+            neg_text, neg_image, neg_image_all = self._hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
+            neg_img = self._negative_images(image_embeds, neg_image, neg_image_all)  # maybe another process's
             ids, tmask, ids_all_t, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
-            itm_img = torch.cat([img, img_all[neg_image], img])  # positives | (negative image, text) | (image, negative text)
+            itm_img = torch.cat([img, neg_img, img])  # positives | (negative image, text) | (image, negative text)
             itm_ids = torch.cat([ids, ids, ids_all_t[neg_text]])
             itm_mask = torch.cat([tmask, tmask, tmask_all[neg_text]])
             h = self.qformer(itm_img, input_ids=itm_ids, text_mask=itm_mask,
@@ -161,12 +161,36 @@ class Stage1Model(nn.Module):
         return losses.itc_loss(image_feats, text_feats, self.temp, self.scfg.label_smoothing,
                                self.scfg.itc_gather_grad, image_ids, ids_all)
 
+    def _hard_negatives(self, sim_i2t, sim_t2i, image_ids, ids_all, generator):
+        """ITM's negative text and image for each of this process's pairs, as indices into the global batch, and the
+        negative images of EVERY process's pairs, (W, B), for _negative_images."""
+        neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator,
+                                                           every_process=True)
+        B, r = sim_i2t.shape[0], dist.rank()
+        return neg_text[r * B:(r + 1) * B], neg_image[r * B:(r + 1) * B], neg_image.view(dist.world_size(), B)
+
+    def _negative_images(self, image_embeds, neg_image, neg_image_all):
+        """ln_vision(the frozen image tokens of this process's negative images), wherever they live.
+
+        Only the B rows this process needs travel (dist.rows_wanted: one all_to_all), in the autocast dtype, and
+        no gradient goes back: the tokens are frozen, and ln_vision runs here on what arrived, so its gradient
+        from the negatives lands in this process and DDP averages it as any other. (Before: every process
+        all-gathered every process's ln_vision output in fp32 WITH gradient -- W*B rows each way, ~1.2 GB per
+        process at the paper's 8 x 105 x 257 x 1408 -- to use B of them.)"""
+        device = image_embeds.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else image_embeds.dtype
+        if dist.world_size() == 1:
+            return self.ln_vision(image_embeds[neg_image])
+        tokens = dist.rows_wanted(image_embeds.detach().to(dtype), neg_image_all)
+        return self.ln_vision(tokens.to(image_embeds.dtype))
+
     def _queries_without_dropout(self, img=None, image_kv=None):
         """The query outputs (B, Q, H) of one more pass with dropout off, as stage 2 and retrieval will see them.
 
         query_similarity needs this pass: measured on the training pass, the Q-Former met it with dropout noise
         alone (loss 0.16 in training, while the queries of the trained model in eval mode had cosine 0.997).
-        Gradients flow; only dropout is off (the Q-Former has no other train/eval difference)."""
+        Gradients flow; only dropout is off (the Q-Former has no other train/eval difference; gradient
+        checkpointing stays on, see QFormer.forward)."""
         was_training = self.qformer.training
         self.qformer.train(False)
         try:
@@ -213,11 +237,11 @@ class Stage1Model(nn.Module):
             out["query_erank"] = losses.query_effective_rank(clean)  # the honest diagnostic beside it
 
         if "itm" in use:
-            neg_text, neg_image = losses.sample_hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
+            neg_text, neg_image, neg_image_all = self._hard_negatives(sim_i2t, sim_t2i, image_ids, ids_all, generator)
             if dist.world_size() == 1:  # every negative image is in this batch: its keys/values exist already
                 neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
-            else:  # a negative may be another process's image; gradients reach its ln_vision too
-                neg_kv = self.qformer.image_kv(dist.all_gather_with_grad(img)[neg_image])
+            else:  # a negative may be another process's image
+                neg_kv = self.qformer.image_kv(self._negative_images(image_embeds, neg_image, neg_image_all))
             ids, tmask, ids_all_t, tmask_all = _gather_padded(input_ids, text_mask, self.qcfg.pad_token_id)
             itm_ids = torch.cat([ids, ids, ids_all_t[neg_text]], dim=0)
             itm_mask = torch.cat([tmask, tmask, tmask_all[neg_text]], dim=0)

@@ -55,6 +55,7 @@ class FrozenLLMCaptioner(nn.Module):
             bos, ids = tokenizer.bos_token_id, tokenizer("a", add_special_tokens=True)["input_ids"]
             add_bos = bos is not None and len(ids) > 0 and ids[0] == bos
         self.bos = [tokenizer.bos_token_id] if add_bos and not self.is_encoder_decoder else []
+        self._line_break_ids = None  # generate(): the tokens that end a line (line_break_ids)
 
     def visual_prompt(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Frozen image tokens (B, N, Dv) -> soft visual prompt (B, Q, D) in the LLM's dtype."""
@@ -200,8 +201,10 @@ class FrozenLLMCaptioner(nn.Module):
             inputs = torch.stack([torch.cat([text[b, : P - n], queries[b], text[b, P - n:]]) for b, n in enumerate(lens)])
             mask = self._pad([[1] * (Q + n) for n in lens], 0, left=True)  # (B, Q+P)
             # generate() derives position ids from the mask (cumsum), so the padding does not shift positions
+        # a line break ends the text like EOS, inside beam search too (LAVIS's OPT generates with "\n" as its EOS):
+        # a beam is scored up to its first line break, not on what it would say after it and we cut off
         kw = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+                  eos_token_id=[self.eos_id] + self.line_break_ids(), pad_token_id=self.pad_id)
         if num_beams > 1:
             kw["length_penalty"] = length_penalty
         if repetition_penalty != 1.0:
@@ -214,6 +217,15 @@ class FrozenLLMCaptioner(nn.Module):
         # decoder-only generate() from inputs_embeds returns only the new tokens; T5 starts with its decoder start
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.strip().split("\n")[0].strip() for t in texts]
+
+
+    def line_break_ids(self) -> list[int]:
+        """Every token whose text holds a line break ("\n" in OPT's and SmolLM2's BPE, also "\n\n", ".\n", ...):
+        the text ends there. Found once by decoding the vocabulary (~50k tokens: well under a second)."""
+        if self._line_break_ids is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._line_break_ids = [i for i, t in enumerate(texts) if "\n" in t and i != self.eos_id]
+        return self._line_break_ids
 
 
 class Stage2Model(FrozenLLMCaptioner):

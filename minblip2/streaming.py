@@ -24,7 +24,8 @@ import torch
 
 from . import dist
 from .data import (WORKER_TIMEOUT_S, BadImageError, SkipCounter, _import_datasets_offline, _no_progress_bars,
-                   check_parquet, collate, encode_batch, load_image, resolve_num_workers)
+                   check_parquet, collate, encode_batch, image_id_as_int, image_identity, load_image,
+                   resolve_num_workers)
 
 
 def list_shards(source) -> list[str]:
@@ -101,7 +102,7 @@ class RecordStream(torch.utils.data.IterableDataset):
 
         def expand(batch):  # a row with a list of captions -> one record per caption
             out = {"image": [], "caption": [], "image_id": []}
-            ids = batch.get("image_id") or [-1] * len(batch[txt])
+            ids = batch.get("image_id") or [None] * len(batch[txt])  # None: _sample derives one from the image
             for image, text, image_id in zip(batch[img], batch[txt], ids):
                 for c in text if isinstance(text, list) else [text]:
                     out["image"].append(image), out["caption"].append(c), out["image_id"].append(image_id)
@@ -153,8 +154,12 @@ class RecordStream(torch.utils.data.IterableDataset):
         with torch.random.fork_rng(devices=[]):  # this record's own crop: the same after a resume
             torch.manual_seed((((self.seed * 1_000_003 + self.rank) * 1_000_003 + epoch) * 1_000_003 + n) % 2**63)
             pixels = self.transform(image)
-        image_id = rec["image_id"]
-        return {"caption": caption, "image_id": -1 if image_id is None else int(image_id), "index": n, "image": pixels}
+        # shards without an image_id column (data/README.md invites them): the image's own bytes name it. Every
+        # record sharing one id (-1, as here before) made ITC's targets uniform and left ITM no negative
+        image_id = image_id_as_int(rec["image_id"])
+        if image_id is None:
+            image_id = image_identity(rec["image"])
+        return {"caption": caption, "image_id": image_id, "index": n, "image": pixels}
 
     def _batch(self, buf):
         items = [self._sample(*b) for b in buf]

@@ -107,8 +107,11 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
     optimizer = build_optimizer(model, t)
     scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
 
+    if dist.world_size() > 1 and len(dist.processes_sharing(run_dir)) < dist.world_size() and dist.is_master():
+        print(f"note: some processes do not see {run_dir} (no shared filesystem across the nodes?). Only rank 0 "
+              f"writes checkpoints there; to resume, copy its checkpoints/ to every node first (docs/scaling.md)")
     start = 0
-    if resume and (ckpt := latest_checkpoint(ckpt_root)) is not None:
+    if resume and (ckpt := agreed_checkpoint(ckpt_root)) is not None:
         start = load_checkpoint(ckpt, model, optimizer, scaler, task=task)
         if dist.is_master():
             print(f"resuming stage {stage} from {ckpt} (step {start})")
@@ -116,10 +119,8 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
 
     train_model = model
     if dist.world_size() > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            # a frozen phase leaves the pretrained weights without gradients for its steps (no_grad_for)
-            find_unused_parameters=task.has_unused_parameters or t.pretrained_frozen_steps > start)
+        # a frozen phase leaves the pretrained weights without gradients for its steps (no_grad_for)
+        train_model = wrap_ddp(model, device, task.has_unused_parameters or t.pretrained_frozen_steps > start)
     if t.compile:
         train_model = torch.compile(train_model)
 
@@ -197,12 +198,73 @@ def train(cfg: Config, stage: int, task=None, resume: bool = True, stop_at: int 
                 _write_log(run_dir / "log.csv", log_rows)
             if ckpt:
                 save_checkpoint(ckpt_root, done, model, optimizer, scaler, cfg, rng=rng, data_state=data_state)
-        dist.barrier()
+        # no barrier per step: the next step's collectives wait for rank 0's checkpoint anyway
     if dist.is_master() and log_rows:
         _write_log(run_dir / "log.csv", log_rows)
         plot_losses(run_dir / "log.csv", run_dir / "losses.png", title=f"stage {stage}")
     bar.close()
+    dist.barrier()  # once: no process leaves (e.g. on to stage 2, which reads it) before the last checkpoint is written
     return run_dir
+
+
+def wrap_ddp(model, device, find_unused_parameters: bool) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP over the TRAINABLE weights only. Wrapped whole, DDP broadcast every parameter and buffer from rank 0 at
+    start -- stage 2's frozen OPT-2.7B: 5.3 GB to every process -- and the buffers again before every forward. The
+    frozen weights come from the same files in every process, so here they are left out of DDP and only
+    checked: a checksum per tensor, compared across processes, and only a tensor that differs is broadcast (a
+    randomly initialised frozen model, seeded per process). No module here has buffers that training changes
+    (no BatchNorm), so no buffer needs syncing during training either."""
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    frozen.update(model.named_buffers())
+    sync_if_different(frozen)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(frozen))
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters)
+
+
+@torch.no_grad()
+def sync_if_different(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Broadcast from rank 0 those of `tensors` whose checksum differs between processes; returns their names.
+    The checksum: the float64 sum of the tensor and of every 7th element (no copy of the tensor is made), 16 bytes
+    per tensor in two all-reduces, instead of the tensors themselves."""
+    if not tensors or dist.world_size() == 1:
+        return []
+    names = list(tensors)
+    device = next(iter(tensors.values())).device
+    sums = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.reshape(-1)[::7].sum(dtype=torch.float64)])
+                        for t in tensors.values()]).to(device)
+    low, high = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    differ = [n for n, d in zip(names, (low != high).any(dim=1).tolist()) if d]
+    for n in differ:
+        torch.distributed.broadcast(tensors[n], src=0)
+    if differ and dist.is_master():
+        print(f"note: {len(differ)} frozen tensor(s) differed between processes ({differ[0]}, ...): rank 0's were "
+              f"broadcast (a frozen model with random weights?)")
+    return differ
+
+
+def agreed_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint every process resumes from: rank 0's latest, which every process must hold too.
+
+    Each process reads ckpt_root on its own machine. Only rank 0 writes checkpoints, so on many nodes without a
+    shared filesystem the others see none (or an older one, copied earlier): each process resuming from its own
+    latest then ran a different number of steps and the job hung in a collective. Here rank 0 decides, and every
+    process compares what it holds with rank 0's choice; if any differs, all of them stop with the same error
+    (a collective: nobody is left waiting)."""
+    mine = latest_checkpoint(ckpt_root)
+    names = dist.all_gather_object(mine.name if mine is not None else None)  # every process's latest, rank order
+    chosen = names[0]
+    if any(n != chosen for n in names):
+        held = ", ".join(f"process {r}: {n or 'none'}" for r, n in enumerate(names))
+        raise RuntimeError(
+            f"the processes would resume from different checkpoints in {ckpt_root} ({held}); rank 0 decides, and "
+            f"every process must hold its choice. Only rank 0 writes checkpoints: put out_dir on a filesystem every "
+            f"node shares, or copy rank 0's {ckpt_root} (with its `latest`) to every node before resuming. "
+            f"Nothing was trained.")
+    return mine
 
 
 @contextmanager

@@ -16,6 +16,7 @@ What it runs, each through `train.train` as a real run would (checkpoints are no
   3. stage 2, `paper` with OPT-2.7B's shapes in fp16 (micro-batch 120; a random Q-Former, no stage 1 needed),
   4. beam search (5 beams, 10 new tokens, 8 images) with that stage-2 model,
   5. stage 1, `paper` with cached image features,
+  6. issue 27's paths: a checkpoint on the GPU loaded with weights_only, the dropout-free query pass checkpointed,
 and prints a table -- step time (median, first step left out), samples/s, peak memory against the dry run's
 estimate (`minblip2/tools/dryrun.py`) -- and writes it as JSON. lessons/08_scaling_up.ipynb shows what an H100 gave.
 Without a CUDA GPU (and without --tiny) it says so and exits 0.
@@ -231,7 +232,63 @@ def run_all(tiny: bool, steps: int, work: Path) -> dict:
             print(f"   beam search: {beam['seconds']:.2f} s", flush=True)
         del model, task, built
     data.clear()
-    return {"runs": results, "beam_search": beam, "data_path": data_path(tiny, root, steps, tokenizer, device)}
+    return {"runs": results, "beam_search": beam, "data_path": data_path(tiny, root, steps, tokenizer, device),
+            "scaleout": scaleout_checks(tiny, device, work)}
+
+
+def scaleout_checks(tiny: bool, device, work: Path) -> dict:
+    """What issue 27 changed on paths one GPU reaches outside train()'s timed runs above (which already take ITM's
+    negatives through Stage1Model._negative_images and beam search through the line-break end tokens):
+    - a checkpoint of a model and fused AdamW on the device, with the device's RNG state, loads with
+      weights_only=True (checkpoint.py) and restores that RNG;
+    - stage 1's dropout-free query pass (query_sim_weight > 0) keeps gradient checkpointing on: peak memory of that
+      pass and its backward at gpu24's shapes (micro-batch 32), checkpointing on and off."""
+    from minblip2 import runtime
+    from minblip2.checkpoint import load_checkpoint, save_checkpoint
+    from minblip2.config import Stage1Config, gpu24
+    from minblip2.stage1 import Stage1Model
+
+    cfg = gpu24()
+    q = cfg.qformer
+    if tiny:
+        q.hidden_size, q.num_layers, q.num_heads, q.intermediate_size = 32, 2, 4, 64
+        q.num_queries, q.vision_width = 4, 24
+    B, N = (4, 9) if tiny else (cfg.stage1.batch_size, 257)
+    amp = "bf16" if tiny else cfg.stage1.amp
+    out = {}
+
+    torch.manual_seed(0)
+    model = Stage1Model(q, Stage1Config(query_sim_weight=1.0)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    model(torch.randn(2, N, q.vision_width, device=device), torch.randint(0, 100, (2, 8), device=device),
+          torch.ones(2, 8, dtype=torch.long, device=device))["loss"].backward()
+    opt.step()
+    path = save_checkpoint(work / "ckpt", 1, model, opt, None, cfg)
+    expected = torch.rand(3, device=device)
+    torch.manual_seed(1)
+    load_checkpoint(path, model, opt)  # weights_only=True inside
+    out["checkpoint_rng_restored"] = bool(torch.equal(torch.rand(3, device=device), expected))
+    print(f"   checkpoint on {device.type}: weights_only load, RNG restored: {out['checkpoint_rng_restored']}",
+          flush=True)
+
+    img = torch.randn(B, N, q.vision_width, device=device)
+    for ckpt in (False, True):
+        q.gradient_checkpointing = ckpt
+        torch.manual_seed(0)
+        model = Stage1Model(q, Stage1Config(query_sim_weight=1.0)).to(device).train()
+
+        def dropout_free_pass():
+            with runtime.autocast(amp, device):
+                image_kv = model.qformer.image_kv(model.ln_vision(img))
+                loss = model._queries_without_dropout(image_kv=image_kv).float().pow(2).mean()
+            loss.backward()
+        _, peak = measure(dropout_free_pass, device)
+        out[f"dropout_free_pass_peak_bytes_checkpointing_{'on' if ckpt else 'off'}"] = int(peak)
+        del model
+    off, on = (out[f"dropout_free_pass_peak_bytes_checkpointing_{k}"] / GiB for k in ("off", "on"))
+    print(f"   dropout-free query pass, micro-batch {B}: peak {off:.3f} GiB without checkpointing, {on:.3f} GiB with",
+          flush=True)
+    return out
 
 
 def data_path(tiny: bool, root: Path, steps: int, tokenizer, device) -> dict:

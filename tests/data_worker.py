@@ -3,7 +3,7 @@
 As a script it trains stage 1 on such a folder, or caches its features (the 2-process tests under torchrun):
 
     torchrun --standalone --nproc_per_node=2 tests/data_worker.py RUN_DIR SOURCE [--section.field=value ...]
-    torchrun --standalone --nproc_per_node=2 tests/data_worker.py cache CACHE_DIR SOURCE VIEW
+    torchrun --standalone --nproc_per_node=2 tests/data_worker.py cache CACHE_DIR SOURCE VIEW [per_rank]
     torchrun --standalone --nproc_per_node=2 tests/data_worker.py stream OUT SHARDS
 """
 from __future__ import annotations
@@ -75,14 +75,16 @@ def main(argv):
     from minblip2.train import train
 
     torch.set_num_threads(1)
-    if argv[0] == "cache":  # cache CACHE_DIR SOURCE VIEW: every process encodes its share into one file
+    if argv[0] == "cache":  # cache CACHE_DIR SOURCE VIEW [per_rank]: every process encodes its share into one file
         from minblip2.data import load_pairs
         from minblip2.features import cached_features
 
         dist.setup("cpu")
         images = load_pairs(argv[2]).images
+        # per_rank: CACHE_DIR/rank<r>, a directory no other process sees (as node-local disks on many nodes)
+        cache_dir = Path(argv[1], f"rank{dist.rank()}") if argv[4:] == ["per_rank"] else argv[1]
         try:
-            cached_features(PixelEncoder(), VisionConfig(name="pixels", img_size=16), images, cache_dir=argv[1],
+            cached_features(PixelEncoder(), VisionConfig(name="pixels", img_size=16), images, cache_dir=cache_dir,
                             view=int(argv[3]), batch_size=3, progress=False, num_workers=1)
         finally:
             dist.cleanup()

@@ -5,6 +5,8 @@ As a script it trains that task (for the DDP test under torchrun, and the kill t
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py RUN_DIR --batch_size=4 --max_steps=4 --stop_at=3
     python tests/ddp_worker.py RUN_DIR --ckpt_every=1 --max_steps=30
     ... --check_devices=True    (every collective's tensors must be on the run's device: see DeviceChecks)
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py stage2 RUN_DIR   (what DDP broadcasts in stage 2)
+    ... --node_dirs=True        (each process its own RUN_DIR/node<rank>, as on nodes without a shared filesystem)
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty
              torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.linspace, torch.scalar_tensor,
              torch.from_numpy}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
-               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single")
+               "reduce_scatter_tensor", "gather", "scatter", "all_to_all", "all_to_all_single", "barrier")
 MARK = "_made_without_device"
 
 
@@ -125,6 +127,7 @@ class DeviceChecks(TorchFunctionMode):
     def __init__(self, device: torch.device):
         super().__init__()
         self.device, self.calls, self.originals = device, {}, {}
+        self.bytes = {}  # per collective: the bytes of every tensor handed to it (inputs and output buffers)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -153,6 +156,8 @@ class DeviceChecks(TorchFunctionMode):
                     f"{where} made by a factory call without device= (e.g. torch.tensor(value)): on a GPU it "
                     f"would live on the CPU, which NCCL cannot reduce")
         self.calls[name] = self.calls.get(name, 0) + 1
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in tensors)
 
     def __enter__(self):
         for name in COLLECTIVES:
@@ -168,6 +173,78 @@ class DeviceChecks(TorchFunctionMode):
         for name, original in self.originals.items():
             setattr(torch.distributed, name, original)
         return super().__exit__(*exc)
+
+
+def tiny_stage2_task(cfg: Config):
+    """A Stage2Task over a tiny random OPT (2 layers, 32 wide; the same weights in every process: seeded alike), a
+    Q-Former as tiny_config's and the synthetic data; its frozen LLM holds most of the model's bytes."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from minblip2.backbones import load_bert
+    from minblip2.stage2 import Stage2Model
+    from minblip2.tasks import Stage2Task
+
+    tok = load_bert(cfg.qformer)[1]
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    llm = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                   pad_token_id=0, bos_token_id=101, eos_token_id=102))
+    torch.manual_seed(cfg.stage2.seed)
+    model = Stage2Model(cfg.qformer, llm, tok, prompt="a photo of", max_text_len=12)
+    return Stage2Task(model, synthetic_data())
+
+
+class CountBroadcasts:
+    """Counts the bytes every broadcast of torch.distributed sends, DDP's coalesced start-up broadcast included."""
+
+    def __init__(self):
+        self.bytes, self.originals = 0, {}
+
+    def __enter__(self):
+        for name in ("broadcast", "_broadcast_coalesced"):
+            original = self.originals[name] = getattr(torch.distributed, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs))
+                                  if isinstance(t, torch.Tensor))
+                return _original(*args, **kwargs)
+            setattr(torch.distributed, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.distributed, name, original)
+
+
+def stage2_main(run_dir):
+    """stage2 RUN_DIR: 2 stage-2 steps of tiny_stage2_task; process 1's final LayerNorm of the LLM is changed first.
+    Writes per process the bytes broadcast, the trainable and the frozen bytes, and a checksum of the LLM."""
+    from minblip2 import dist
+    from minblip2.config import Stage2Config
+    from minblip2.train import train
+
+    cfg = tiny_config()
+    cfg.stage2 = Stage2Config(lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=2, batch_size=4, amp="none",
+                              ckpt_every=2, log_every=1, seed=0)
+    try:
+        dist.setup("cpu")
+        task = tiny_stage2_task(cfg)
+        llm = task.model.llm
+        if dist.rank() == 1:  # a frozen tensor that differs: it alone must be sent
+            with torch.no_grad():
+                llm.model.decoder.final_layer_norm.weight.add_(1.0)
+        with CountBroadcasts() as counted:
+            train(cfg, 2, task, progress=False, run_dir=run_dir)
+        size = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+        Path(run_dir, f"broadcast-rank{dist.rank()}.json").write_text(json.dumps({
+            "broadcast_bytes": counted.bytes,
+            "trainable_bytes": size(p for p in task.model.parameters() if p.requires_grad),
+            "llm_bytes": size(llm.parameters()) + size(llm.buffers()),
+            "layer_norm_bytes": size([llm.model.decoder.final_layer_norm.weight]),
+            "llm_checksum": sum(float(p.double().sum()) for p in llm.parameters())}))
+    finally:
+        dist.cleanup()
 
 
 def main(argv):
@@ -186,6 +263,8 @@ def main(argv):
         torch.set_num_threads(kw.pop("threads"))
     dropout = kw.pop("qformer.dropout", None)
     check_devices = kw.pop("check_devices", False)
+    if kw.pop("node_dirs", False):  # RUN_DIR/node<rank>: a run directory no other process sees (node-local disks)
+        run_dir = str(Path(run_dir, f"node{os.environ['RANK']}"))
     cfg = tiny_config(**kw)
     if dropout is not None:
         cfg.qformer.dropout = dropout
@@ -197,9 +276,13 @@ def main(argv):
             with DeviceChecks(torch.device(cfg.device)) as checks:
                 train(cfg, 1, task, stop_at=stop_at, progress=False, run_dir=run_dir)
             Path(run_dir, f"collectives-rank{dist.rank()}.json").write_text(json.dumps(checks.calls))
+            Path(run_dir, f"collective-bytes-rank{dist.rank()}.json").write_text(json.dumps(checks.bytes))
     finally:
         dist.cleanup()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1] == "stage2":
+        stage2_main(sys.argv[2])
+    else:
+        main(sys.argv[1:])

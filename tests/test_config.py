@@ -68,3 +68,21 @@ def test_a_config_written_before_the_eval_section_still_loads():
         (16, 3, 20, 3)
     assert cfg.stage1.fast_passes is False
     assert Config.from_dict(cfg.to_dict()) == cfg  # and today's format round-trips
+
+
+def test_hidden_size_not_divisible_by_num_heads_is_refused_clearly(capsys):
+    """Issue 27, item 12: hidden_size 100 with 12 heads used to reach an `assert` inside Attention (an
+    AssertionError, or nothing under python -O). Now the config check names both flags, at the command line
+    (one line, exit 2) and when a Q-Former is built."""
+    from minblip2.config import QFormerConfig, check_qformer_config
+    from minblip2.qformer import QFormer
+    from minblip2.train import main
+
+    with pytest.raises(ValueError, match=r"qformer.hidden_size=100 is not divisible by qformer.num_heads=12"):
+        QFormer(QFormerConfig(bert_weights="random", hidden_size=100, num_heads=12, intermediate_size=64,
+                              num_layers=1, vocab_size=50, max_position_embeddings=8))
+    with pytest.raises(SystemExit) as e:
+        main(["--stage", "1", "--preset", "cpu", "--qformer.num_heads=7"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not divisible by qformer.num_heads=7" in err and err.count("\n") == 1, err
+    check_qformer_config(QFormerConfig(hidden_size=384, num_heads=12))  # the presets' shapes pass

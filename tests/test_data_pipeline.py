@@ -135,6 +135,21 @@ def test_feature_cache_is_memory_mapped_fp16_and_written_by_every_process(tmp_pa
     assert torch.equal(cached, ref) and cached.mmap_path == str(path)  # read back, not recomputed
 
 
+def test_feature_cache_works_on_node_local_disks(tmp_path):
+    """Issue 27, item 2: rank 0 created the cache file and the other processes opened it, which on many nodes
+    without a shared filesystem fails (the file is on node 0's disk). Here each of the 2 processes has its own
+    cache directory, as on node-local disks: each writes a complete copy, equal to one process's features."""
+    root = make_folder(tmp_path / "f", n=7)
+    images = load_pairs(root).images
+    vcfg = VisionConfig(name="pixels", img_size=16)
+    ref = encode_images(PixelEncoder(), images, batch_size=3, progress=False, view=1)
+    torchrun("cache", tmp_path / "cache", root, 1, "per_rank")
+    for rank in (0, 1):
+        path = feature_path(vcfg, images, 1, tmp_path / "cache" / f"rank{rank}")
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no probe or partial file left behind
+        assert torch.equal(torch.from_numpy(np.load(path)), ref)
+
+
 # ----------------------------------------------------------------------------- bring your own data
 
 
@@ -230,8 +245,67 @@ def test_streaming_two_processes_read_disjoint_samples_and_resume_exactly(tmp_pa
     assert len(flat[0]) == len(flat[1]) == 16 and not flat[0] & flat[1]
     images = [{s.split(":")[0] for s in f} for f in flat]
     assert not images[0] & images[1]  # whole shards per process: not even an image in common
-    state = torch.load(tmp_path / "part/checkpoints/ckpt-0000002/state.pt", weights_only=False)
+    state = torch.load(tmp_path / "part/checkpoints/ckpt-0000002/state.pt", weights_only=True)
     assert state["data_state"] == {"kind": "stream", "world_size": 2, "positions": [[0, 8], [0, 8]]}
+
+
+def write_two_column_shards(tmp_path, n=12, num_shards=2, ids=None):
+    """Parquet shards holding only an image (encoded bytes) and a text column, as data/README.md allows; with
+    `ids`, an image_id column of those values too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = make_folder(tmp_path / "f2", n=n)
+    out = tmp_path / "two-column"
+    out.mkdir()
+    for k in range(num_shards):
+        rows = range(k, n, num_shards)
+        table = {"jpg": [(folder / f"images/{i:04d}.png").read_bytes() for i in rows],
+                 "txt": [f"a square number {i}" for i in rows]}
+        if ids is not None:
+            table["image_id"] = [ids[i] for i in rows]
+        pq.write_table(pa.table(table), out / f"train-{k:05d}.parquet")
+    return out
+
+
+def test_shards_without_image_ids_train_itc_and_itm(tmp_path, monkeypatch):
+    """Issue 27, item 1: a stream without an image_id column gave every record the id -1, so ITC's targets were
+    uniform over the batch (it learned nothing) and ITM raised "all of the same image" at step 1. Now a record
+    without an id is named by its image's bytes: stage 1 trains ITC + ITM on 2-column shards and every ITC
+    target is one-hot (12 distinct images)."""
+    from minblip2 import losses
+
+    shards = write_two_column_shards(tmp_path)
+    cfg = tiny_pipeline_config(shards, max_steps=3, losses=("itc", "itm"))
+    cfg.data.streaming, cfg.data.shuffle_buffer = True, 4
+    targets = []
+
+    def recording(*args, **kw):
+        targets.append(itc_targets(*args, **kw))
+        return targets[-1]
+    itc_targets = getattr(losses, "itc_targets", None)
+    monkeypatch.setattr(losses, "itc_targets", recording, raising=False)
+    train(cfg, 1, progress=False, run_dir=tmp_path / "run")
+    rows = log(tmp_path / "run")
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(np.isfinite(float(r["loss_itm"])) for r in rows)
+    assert len(targets) == 3
+    for t in targets:  # (B, B) probabilities, one 1 per row: each caption's own image only
+        assert t.shape == (4, 4) and torch.equal(t, torch.eye(4)), t
+
+
+def test_string_image_ids_become_stable_ints(tmp_path):
+    """A non-numeric image_id crashed the stream in int(). Now strings map to a stable hash (the same in every
+    process and run), numeric strings to their number, and two rows with one id stay one image."""
+    from minblip2.data import image_id_as_int, train_transform
+    from minblip2.streaming import RecordStream, list_shards
+
+    ids = ["COCO_a", "COCO_b", "COCO_a", "17"]
+    shards = write_two_column_shards(tmp_path, n=4, num_shards=1, ids=ids)
+    stream = RecordStream(list_shards(shards), train_transform(16, (0.5,) * 3, (0.5,) * 3, normalize=False),
+                          micro_batch=4, shuffle_buffer=1)
+    got = next(iter(stream))["image_id"].tolist()
+    assert got == [image_id_as_int(i) for i in ids] and got[0] == got[2] != got[1] and got[3] == 17
+    assert image_id_as_int("COCO_a") == 1053541340259198889 and image_id_as_int(17.0) == 17  # stable across runs
 
 
 def test_stream_replaces_bad_records_and_reports_bad_shards(tmp_path):

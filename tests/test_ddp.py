@@ -1,5 +1,5 @@
 """DDP on CPU (gloo): 2 processes x batch 4 train the same weights as 1 process x batch 8 (ITC + ITM + ITG),
-resume in 1, resume exactly in 2, and hand every collective tensors on the run's device.
+resume in 1, resume exactly in 2, and hand every collective tensors on the run's device; no barrier per step.
 
 Why they can match at all: `batch_indices` + `local_slice` give the 2 processes the two halves of the
 1-process batch; ITC gathers features WITH gradient (itc_gather_grad=True), so its loss and gradient are the
@@ -93,6 +93,14 @@ def test_ddp_two_processes_equal_one_process_then_resume_in_one(tmp_path):
     for rank in (0, 1):  # the checks saw the collectives of a step: the logged losses, ITC, ITM, ITG, RNG state
         calls = json.loads((ddp_dir / f"collectives-rank{rank}.json").read_text())
         assert calls["all_reduce"] >= 3 * 3 and calls["all_gather"] >= 3 * 5, calls
+        # issue 27, item 7: no barrier per step (one after each: 3 here), only a fixed few (start, end)
+        assert calls.get("barrier", 0) <= 2, calls
+        assert calls["all_to_all_single"] == 3, calls  # issue 27, item 5: below
+    # ITM's negative images travel as the B = 4 rows of 9 x 24 fp32 tokens each process needs (3 steps; what is
+    # received is what the other process sent: send + receive buffers, summed over both), not as all W * B rows
+    # with gradient (an all_gather, and an all_reduce in backward)
+    moved = [json.loads((ddp_dir / f"collective-bytes-rank{r}.json").read_text())["all_to_all_single"] for r in (0, 1)]
+    assert sum(moved) == 2 * (3 * 2 * 4 * 9 * 24 * 4), moved
     assert ckpt(ddp_dir).name == "ckpt-0000003"
     assert not (ddp_dir / "checkpoints" / "ckpt-0000004").exists()
 
@@ -124,7 +132,7 @@ def test_ddp_resume_is_exact_in_every_process(tmp_path):
     shutil.copytree(ref, resumed)
     (resumed / "checkpoints" / "latest").write_text("ckpt-0000002")  # killed after step 2 was checkpointed
     shutil.rmtree(resumed / "checkpoints" / "ckpt-0000004")
-    rng = torch.load(ckpt(resumed) / "state.pt", weights_only=False)["rng"]
+    rng = torch.load(ckpt(resumed) / "state.pt", weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one state per process
     torchrun("ddp_worker.py", resumed, *args)
     assert ckpt(resumed).name == "ckpt-0000004"
@@ -135,6 +143,47 @@ def test_ddp_resume_is_exact_in_every_process(tmp_path):
     assert len(rows(ref)) == 4 and rows(resumed) == rows(ref)
     a, b = (load_file(str(ckpt(d) / "model.safetensors")) for d in (ref, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ranks_refuse_to_resume_from_different_checkpoints(tmp_path):
+    """Issue 27, item 2: each process resumed from the latest checkpoint IT saw. On nodes without a shared
+    filesystem, process 1's copy of the run may lack the newest checkpoint: it resumed a step earlier than process
+    0, the two ran different numbers of steps, and the job hung in a collective. Now rank 0's choice holds and both
+    processes stop at once with an error naming what each holds; with equal copies they resume."""
+    args = ["--batch_size=4", "--max_steps=4", "--ckpt_every=1", "--qformer.dropout=0.0"]
+    torchrun("ddp_worker.py", tmp_path / "shared", *args, "--stop_at=3")  # ckpt-2 and ckpt-3 kept
+    for node in (0, 1):
+        shutil.copytree(tmp_path / "shared", tmp_path / "run" / f"node{node}")
+    node1 = tmp_path / "run" / "node1" / "checkpoints"  # process 1's disk never got the newest checkpoint
+    shutil.rmtree(node1 / "ckpt-0000003")
+    (node1 / "latest").write_text("ckpt-0000002")
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+           str(TESTS / "ddp_worker.py"), str(tmp_path / "run"), *args, "--node_dirs=True"]
+    from ddp_worker import subprocess_env
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "process 0: ckpt-0000003, process 1: ckpt-0000002" in p.stderr and "Nothing was trained" in p.stderr
+    assert ckpt(tmp_path / "run" / "node0").name == "ckpt-0000003"  # and nothing was written
+
+    shutil.copytree(tmp_path / "run" / "node0" / "checkpoints", node1, dirs_exist_ok=True)  # the documented fix
+    out = torchrun("ddp_worker.py", tmp_path / "run", *args, "--node_dirs=True")
+    assert "some processes do not see" in out.stdout  # process 1's run directory is not process 0's
+    assert ckpt(tmp_path / "run" / "node0").name == "ckpt-0000004"
+
+
+def test_ddp_does_not_broadcast_the_frozen_llm(tmp_path):
+    """Issue 27, item 6: DDP wrapped the whole stage-2 model, so at start it broadcast the frozen LLM (OPT-2.7B:
+    5.4 GB to every process) and its buffers before every forward. Now DDP holds the trainable weights only: 2
+    stage-2 steps in 2 processes broadcast those, plus the one frozen tensor that process 1 had changed (found by
+    a checksum), and the LLMs end equal."""
+    torchrun("ddp_worker.py", "stage2", tmp_path)
+    got = [json.loads((tmp_path / f"broadcast-rank{r}.json").read_text()) for r in (0, 1)]
+    for g in got:
+        assert g["llm_bytes"] > 2 * g["trainable_bytes"]  # the frozen LLM is most of the model
+        # the trainable weights and the changed LayerNorm, plus the few bytes of train()'s broadcast_object calls
+        assert g["trainable_bytes"] + g["layer_norm_bytes"] <= g["broadcast_bytes"] < \
+            g["trainable_bytes"] + g["layer_norm_bytes"] + 4096, g
+    assert got[0]["llm_checksum"] == got[1]["llm_checksum"]
 
 
 def test_progress_bar_is_silent_when_asked():

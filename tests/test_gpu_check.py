@@ -35,6 +35,12 @@ def test_tiny_mode_runs_every_check_and_writes_json(tmp_path):
     assert set(report["data_path"]) == {"cached", "computed"}
     assert all(r["median"] > 0 and r["q1"] <= r["median"] <= r["q3"] for r in report["data_path"].values())
     assert "data path, cached features" in p.stdout
+    # issue 27's paths: a device checkpoint loads with weights_only; the dropout-free pass runs checkpointed and not
+    # (at tiny shapes the recomputation's temporaries outweigh the activations: the saving shows at gpu24's shapes)
+    s = report["scaleout"]
+    assert s["checkpoint_rng_restored"] is True
+    assert s["dropout_free_pass_peak_bytes_checkpointing_on"] > 0
+    assert s["dropout_free_pass_peak_bytes_checkpointing_off"] > 0
 
 
 def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):

@@ -422,3 +422,44 @@ def test_logged_temperature_is_the_value_the_step_used():
     with torch.no_grad():
         m.temp.add_(0.01)  # what an optimizer step does to it
     assert out["temp"].item() == used
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """The bytes of the tensors autograd keeps for backward while fn runs (outside checkpointed regions)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_dropout_free_query_pass_keeps_gradient_checkpointing():
+    """Issue 27, item 9: the query-similarity term's dropout-free pass switched the Q-Former to eval mode, and
+    checkpointing was on in training mode only, so that pass kept every layer's activations. Now it checkpoints
+    whenever a backward follows: it keeps a fraction of what it keeps without checkpointing."""
+    from minblip2.config import Stage1Config
+    from minblip2.stage1 import Stage1Model
+
+    kept, grads = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = QFormerConfig(bert_weights="random", hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+                            num_queries=8, vision_width=24, vocab_size=100, max_position_embeddings=16,
+                            gradient_checkpointing=ckpt)
+        model = Stage1Model(cfg, Stage1Config(query_sim_weight=1.0)).train()
+        img = model.ln_vision(torch.randn(2, 9, 24))
+        image_kv = [None if kv is None else tuple(x.detach() for x in kv) for kv in model.qformer.image_kv(img)]
+        out = {}
+        kept[ckpt] = saved_for_backward_bytes(
+            lambda: out.setdefault("q", model._queries_without_dropout(image_kv=image_kv)))
+        assert model.qformer.training  # the mode is back before backward: the recomputation must not use it
+        out["q"].pow(2).sum().backward()
+        grads[ckpt] = {n: p.grad for n, p in model.qformer.named_parameters() if p.grad is not None}
+    assert kept[True] < 0.25 * kept[False], kept
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[True]:  # checkpointed or not: the same gradients, without dropout in both
+        assert torch.allclose(grads[True][n], grads[False][n], atol=1e-6), n

@@ -222,6 +222,24 @@ def test_generate_keeps_the_first_line_and_passes_the_ngram_rule(tok, monkeypatc
     assert seen["no_repeat_ngram_size"] == 3
 
 
+def test_beam_search_stops_at_a_line_break(tok, monkeypatch):
+    """Issue 27, item 10: beams were scored past a line break and cut afterwards; LAVIS's OPT generates with "\n"
+    as its EOS. Every token holding a line break now ends a beam like EOS (generate()'s eos_token_id list)."""
+    from tokenizers import AddedToken
+
+    t = transformers.AutoTokenizer.from_pretrained(tok.name_or_path)
+    t.bos_token, t.eos_token = "[CLS]", "[SEP]"
+    t.add_tokens([AddedToken("\n", normalized=False), AddedToken(".\n\n", normalized=False)])
+    nl, dot_nl = t.convert_tokens_to_ids(["\n", ".\n\n"])
+    m = make("opt", t).eval()
+    assert m.line_break_ids() == [nl, dot_nl]
+    seen = {}
+    real_generate = m.llm.generate
+    monkeypatch.setattr(m.llm, "generate", lambda **kw: seen.update(kw) or real_generate(**kw))
+    m.generate(images(2), num_beams=3, max_new_tokens=4)
+    assert seen["eos_token_id"] == [t.eos_token_id, nl, dot_nl]
+
+
 def test_vqa_prompt():
     assert vqa_prompt("what is it?") == "Question: what is it? Answer:"
     assert vqa_prompt(" what is it? ", style="t5") == "Question: what is it? Short answer:"

@@ -148,6 +148,65 @@ def test_half_written_or_foreign_checkpoints_are_never_used(tmp_path):
         train(other, 1, tiny_task(other), stop_at=3, progress=False, run_dir=src)
 
 
+class _RunsCode:
+    """What a malicious state.pt holds: unpickling it calls os.system (here: creates a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_state_pt_is_refused_and_runs_no_code(tmp_path):
+    """Issue 27, item 13: resuming read state.pt with weights_only=False, so a shared run directory could run code
+    on --resume. Now state.pt holds tensors and plain values only (numpy's and Python's random states included),
+    loads with weights_only=True, and a pickle that needs more is refused with an error saying why and what to do."""
+    src = run(tmp_path / "src", max_steps=1, ckpt_every=1)
+    ckpt = latest_checkpoint(src / "checkpoints")
+    torch.load(ckpt / "state.pt", weights_only=True)  # today's checkpoints are plain
+    model = tiny_task(tiny_config()).model
+    marker = tmp_path / "code-ran"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    state["data_state"] = _RunsCode(marker)
+    torch.save(state, ckpt / "state.pt")
+    with pytest.raises(ValueError, match="refusing to load state.pt") as e:
+        load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()))
+    assert not marker.exists(), "unpickling state.pt ran code"
+    assert "could run arbitrary code" in str(e.value) and "--upgrade" in str(e.value)
+    with pytest.raises(ValueError, match="refusing"):  # train(--resume) goes through the same door
+        run(src, max_steps=2, ckpt_every=1)
+    assert not marker.exists()
+
+
+def test_rng_states_round_trip_and_old_checkpoints_upgrade(tmp_path):
+    """numpy's and Python's random states come back exactly from a weights_only checkpoint; a state.pt of an older
+    minblip2 (numpy arrays and tuples in it) is refused, then loads after `python -m minblip2.checkpoint --upgrade`."""
+    import random
+
+    import numpy as np
+
+    from minblip2.checkpoint import main as checkpoint_main, rng_state, save_checkpoint
+
+    cfg = tiny_config()
+    model = tiny_task(cfg).model
+    opt = torch.optim.AdamW(model.parameters())
+    np.random.seed(3), random.seed(3), random.gauss(0, 1)  # a cached gaussian in Python's state too
+    path = save_checkpoint(tmp_path / "c", 5, model, opt, None, cfg)
+    expected = (np.random.rand(3).tolist(), random.random(), random.gauss(0, 1), torch.rand(2).tolist())
+    np.random.seed(99), random.seed(99), torch.manual_seed(99)
+    assert load_checkpoint(path, model, opt) == 5
+    assert (np.random.rand(3).tolist(), random.random(), random.gauss(0, 1), torch.rand(2).tolist()) == expected
+
+    old = torch.load(path / "state.pt", weights_only=True)  # as an older minblip2 wrote it
+    old["rng"] = [{**rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}]
+    torch.save(old, path / "state.pt")
+    with pytest.raises(ValueError, match="refusing"):
+        load_checkpoint(path, model, opt)
+    checkpoint_main(["--upgrade", str(path)])
+    assert load_checkpoint(path, model, opt) == 5
+
+
 # ----------------------------------------------------------------------------- 3. SIGKILL mid-run
 
 
@@ -260,7 +319,7 @@ def test_fp16_overflow_is_skipped_and_training_goes_on(tmp_path):
     scale = [float(r["loss_scale"]) for r in rows]
     assert scale[0] == 2.0 ** 16 and scale[6] == scale[5] / 2  # halved after each overflow
     assert rows[5]["loss"] == "inf" and all(float(r["loss"]) < 20 for i, r in enumerate(rows) if i != 5)
-    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=False)
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=True)
     assert {s["step"].item() for s in state["optimizer"]["state"].values()} == {4.0}  # 8 steps, 4 skipped
     assert state["scaler"]["scale"] == scale[7]
     assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
@@ -630,7 +689,7 @@ def test_frozen_phase_computes_no_gradient_for_the_pretrained_weights(tmp_path):
     watched.register_hook(lambda g: calls.append(1))
     train(cfg, 1, task, resume=False, stop_at=2, progress=False, run_dir=tmp_path)
     assert calls == []  # autograd never computed its gradient
-    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=False)["optimizer"]
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=True)["optimizer"]
     frozen = [i for g in state["param_groups"] if g["pretrained"] for i in g["params"]]
     fresh = [i for g in state["param_groups"] if not g["pretrained"] for i in g["params"]]
     assert frozen and fresh
@@ -638,7 +697,7 @@ def test_frozen_phase_computes_no_gradient_for_the_pretrained_weights(tmp_path):
     assert all(int(state["state"][i]["step"]) == 2 for i in fresh)
     train(cfg, 1, task, progress=False, run_dir=tmp_path)  # steps 3-4: they train, with fresh moments
     assert len(calls) == 2
-    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=False)["optimizer"]
+    state = torch.load(latest_checkpoint(tmp_path / "checkpoints") / "state.pt", weights_only=True)["optimizer"]
     assert all(int(state["state"][i]["step"]) == 2 for i in frozen)  # steps 3 and 4 only
 
 
