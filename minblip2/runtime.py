@@ -59,7 +59,27 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 384, budget_s: float = 0.5) -> f
 
 def _machine_key() -> str:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return f"{_cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads|isa {isa}"
+    sizes = ",".join(map(str, MATMUL_SIZES))  # measurements made at other sizes are not reused
+    return f"{_cpu_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads|isa {isa}|n {sizes}"
+
+
+MATMUL_SIZES = (384, 1024)
+
+
+def _best_rate(dtype: torch.dtype) -> float:
+    """The best GFLOP/s over MATMUL_SIZES. Small products alone mislead: with 2 threads on a busy machine a 384 x 384
+    fp32 product ran at 7-20 GFLOP/s where 1024 x 1024 ran at 366, and the CPU was judged faster in bf16 than fp32
+    when it was 1.8x slower. A dtype that is hopeless at the small size (under 1/8 of the best so far: bf16 without
+    hardware support) is not timed at the large one, where one call could take seconds."""
+    best = 0.0
+    for n in MATMUL_SIZES:
+        rate = _matmul_gflops(dtype, n)
+        if best and rate < best / 8:
+            break
+        best = max(best, rate)
+        if n == MATMUL_SIZES[0] and rate < 1.0:  # a few GFLOP/s at most: scalar fallback, slow at any size
+            break
+    return best
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,8 +99,7 @@ def cpu_matmul_rates(cache_dir=None) -> dict:
         cached = {}
     if key in cached:
         return cached[key]
-    rates = {"fp32": round(_matmul_gflops(torch.float32), 1), "bf16": round(_matmul_gflops(torch.bfloat16), 1),
-             "machine": key}
+    rates = {"fp32": round(_best_rate(torch.float32), 1), "bf16": round(_best_rate(torch.bfloat16), 1), "machine": key}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

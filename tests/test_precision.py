@@ -55,9 +55,10 @@ def test_an_explicit_setting_always_wins(rates):
 def test_the_measurement_is_cached_per_machine(rates, tmp_path):
     measured = rates(340.0, 1900.0)
     runtime.resolve_amp("auto", "cpu")
-    assert len(measured) == 2
+    first = len(measured)
+    assert first >= 2
     runtime.cpu_matmul_rates.cache_clear()  # a new process: reads the file, measures nothing
-    assert runtime.resolve_amp("auto", "cpu") == "bf16" and len(measured) == 2
+    assert runtime.resolve_amp("auto", "cpu") == "bf16" and len(measured) == first
     cached = json.loads((tmp_path / "cache" / "cpu-precision.json").read_text())
     (entry,) = cached.values()
     assert entry["fp32"] == 340.0 and entry["bf16"] == 1900.0 and "threads" in entry["machine"]
@@ -90,3 +91,21 @@ def test_the_real_measurement_runs_quickly_and_is_positive():
     t0 = time.perf_counter()
     fp32 = runtime._matmul_gflops(torch.float32)
     assert fp32 > 0.1 and time.perf_counter() - t0 < 5
+
+
+def test_a_busy_machine_small_product_does_not_decide(monkeypatch, tmp_path):
+    """With 2 threads on a busy machine a small fp32 product ran 20-50x below its rate at 1024 (measured: 7 vs 366
+    GFLOP/s), and a CPU without AMX was judged faster in bf16. The best rate over the sizes decides."""
+    monkeypatch.setenv("MINBLIP2_CACHE", str(tmp_path / "cache"))
+
+    def fake(dtype, n=384, *a, **k):
+        if dtype == torch.float32:
+            return 7.0 if n < 1024 else 330.0  # threading overhead swamps the small product
+        return 180.0  # AVX512-BF16 without AMX
+    monkeypatch.setattr(runtime, "_matmul_gflops", fake)
+    runtime.cpu_matmul_rates.cache_clear()
+    try:
+        assert runtime.resolve_amp("auto", "cpu") == "none"
+        assert runtime.resolve_dtype("auto", "cpu") == "float32"
+    finally:
+        runtime.cpu_matmul_rates.cache_clear()
