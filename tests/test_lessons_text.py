@@ -48,7 +48,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def lesson_number(path: Path) -> int:
-    return int(path.name[:2])
+    """03_masks.ipynb -> 3 (-1 for a notebook whose name does not start with a lesson number)."""
+    return int(path.name[:2]) if path.name[:2].isdigit() else -1
 
 
 @lru_cache(maxsize=None)
