@@ -98,6 +98,9 @@ TWEAK_KEYS = ("itg_weight", "query_div", "on_hidden", "query_ffn_fresh", "n_trai
 PROJECTORS = ("linear", "mlp")  # the "projector=K" tweak's stage-2 models: no Q-Former (tools/baselines.py)
 # "main": the stage-1 run of `make run` (the main_* rows used it when the preset had the paper's three losses)
 MAIN_STAGE1 = REPO_ROOT / "runs" / "coco-mini" / "stage1"
+# the lessons' stage 2 (lesson 6): the preset's shares of 360 steps at 240 steps of 8, no augmented views
+LESSON_S2 = ["--stage2.max_steps=240", "--stage2.batch_size=8", "--stage2.pretrained_frozen_steps=67",
+             "--stage2.warmup_steps=10", "--data.augmented_views=0"]
 VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
     # 360 stage-2 steps from the main job's stage 1 / a random Q-Former / stage 1 with llm_proj trained alone
     # for the first 100 steps (the Q-Former frozen: "linear probing, then fine-tuning")
@@ -146,19 +149,12 @@ VARIANTS = {  # name: (stage-1 start, stage-1 steps, stage-2 overrides)
                                 "--stage2.pretrained_frozen_steps=56", "--stage2.warmup_steps=8"]),
     "L16q8_80_240": ("Lb16q8", 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
                                     "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10"]),
-    "L16q8v0_80_240": ("Lb16q8v0", 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
-                                        "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
-                                        "--data.augmented_views=0"]),
+    "L16q8v0_80_240": ("Lb16q8v0", 80, LESSON_S2),
     # the same stage 2 from a random Q-Former: the paper's Figure 5 ablation at the lesson's scale (lesson 6)
-    "Lrand8v0_240": ("random", 0, ["--stage2.max_steps=240", "--stage2.batch_size=8",
-                                   "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
-                                   "--data.augmented_views=0", "--qformer.num_queries=8"]),
+    "Lrand8v0_240": ("random", 0, LESSON_S2 + ["--qformer.num_queries=8"]),
     **{f"{k}_s1": (s1, 80, ["stage1_only"]) for k, s1 in (("Lv0", "Lb16q8v0"), ("Lw15", "Lb16q8v0w15"),
                                                           ("Lqs3", "Lb16q8v0qs3"))},
-    **{f"{k}_80_240": (s1, 80, ["--stage2.max_steps=240", "--stage2.batch_size=8",
-                                "--stage2.pretrained_frozen_steps=67", "--stage2.warmup_steps=10",
-                                "--data.augmented_views=0"]) for k, s1 in (("Lw15", "Lb16q8v0w15"),
-                                                                            ("Lqs3", "Lb16q8v0qs3"))},
+    **{f"{k}_80_240": (s1, 80, LESSON_S2) for k, s1 in (("Lw15", "Lb16q8v0w15"), ("Lqs3", "Lb16q8v0qs3"))},
     "L16_72_400b4": ("Lb16", 72, ["--stage2.max_steps=400", "--stage2.batch_size=4",
                                   "--stage2.pretrained_frozen_steps=111", "--stage2.warmup_steps=16"]),
     # the bridges without a Q-Former (issue 29): pooled patch tokens -> linear layer / LLaVA-1.5's 2-layer MLP, at
