@@ -44,6 +44,7 @@ def dropout_free_pass_saved_bytes(batch: int = 32, tokens: int = 257) -> dict:
     pass ran in eval mode and checkpointing was on in training mode only). Counted on the meta device: no memory."""
     from minblip2.config import Stage1Config, gpu24
     from minblip2.stage1 import Stage1Model
+    from minblip2.tools.diagnostics import saved_for_backward_bytes
 
     out = {}
     for ckpt in (False, True):
@@ -53,14 +54,7 @@ def dropout_free_pass_saved_bytes(batch: int = 32, tokens: int = 257) -> dict:
             model = Stage1Model(q, Stage1Config(query_sim_weight=1.0)).train()
             img = model.ln_vision(torch.randn(batch, tokens, q.vision_width))
             image_kv = [None if kv is None else tuple(x.detach() for x in kv) for kv in model.qformer.image_kv(img)]
-        kept = 0
-
-        def pack(t):
-            nonlocal kept
-            kept += t.numel() * t.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model._queries_without_dropout(image_kv=image_kv)
+        kept = saved_for_backward_bytes(lambda: model._queries_without_dropout(image_kv=image_kv))
         out[f"checkpointing_{'on' if ckpt else 'off'}_gb"] = round(kept / GB, 3)
     out["shape"] = f"micro-batch {batch}, {tokens} image tokens, gpu24's Q-Former (fp32)"
     return out

@@ -7,6 +7,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2QFormerModel, Bli
 from minblip2 import losses, masks
 from minblip2.config import QFormerConfig, Stage1Config, paper
 from minblip2.tools.convert import load_hf_qformer, load_hf_retrieval
+from minblip2.tools.diagnostics import saved_for_backward_bytes
 from minblip2.qformer import QFormer
 from minblip2.stage1 import Stage1Model
 
@@ -422,19 +423,6 @@ def test_logged_temperature_is_the_value_the_step_used():
     with torch.no_grad():
         m.temp.add_(0.01)  # what an optimizer step does to it
     assert out["temp"].item() == used
-
-
-def saved_for_backward_bytes(fn) -> int:
-    """The bytes of the tensors autograd keeps for backward while fn runs (outside checkpointed regions)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def test_dropout_free_query_pass_keeps_gradient_checkpointing():

@@ -127,3 +127,18 @@ def image_use(model, image_tokens: torch.Tensor, captions: list[str], batch_size
     model.train(was_training)
     out["gap"] = round(out["shuffled"] - out["matched"], 3)
     return out
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """The bytes of the tensors autograd keeps for backward while fn() runs (outside checkpointed regions: a
+    checkpoint keeps its inputs and recomputes the rest). Lesson 8 writes the same hook out by hand."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
